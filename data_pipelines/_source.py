@@ -1,0 +1,247 @@
+"""Input datasets for ingestion: open an .h5ad (backed) or wrap an AnnData, validate it, stream X in row chunks.
+
+Everything here is read-only: validation runs to the end before the atlas is touched. Every problem raises
+`IngestError` naming the file (or AnnData), the column, gene or cell, and what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data_pipelines._atlas import FLOAT32_EXACT_MAX, INT32_MAX
+
+logger = logging.getLogger(__name__)
+
+SPLIT_VALUES = ("train", "val", "test")
+_DENSE_CHUNK_VALUES = 20_000_000
+"""Dense X is read in row chunks of at most this many values (80 MB of float32) to bound memory."""
+
+
+class IngestError(ValueError):
+    """Bad input for ingestion; the message names the file, the column / gene / cell and the problem."""
+
+
+@dataclass
+class Source:
+    """One validated input dataset."""
+
+    name: str
+    adata: anndata.AnnData
+    dataset_id: str
+    feature_ids: np.ndarray
+    feature_names: np.ndarray
+    obs_ids: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    n_cells_per_gene: np.ndarray | None = None
+    nnz: int = 0
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.adata.n_obs)
+
+    def close(self) -> None:
+        if self.adata.isbacked:
+            self.adata.file.close()
+
+    def iter_chunks(self, chunk_rows: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield (first row, CSR chunk) over X; only one chunk is in memory at a time (backed mode)."""
+        x = self.adata.X
+        dense = isinstance(x, (np.ndarray, h5py.Dataset))
+        step = max(1, min(chunk_rows, _DENSE_CHUNK_VALUES // max(1, self.adata.n_vars))) if dense else chunk_rows
+        for start in range(0, self.n_obs, step):
+            chunk = x[start : min(start + step, self.n_obs)]
+            chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
+            chunk.sum_duplicates()
+            yield start, chunk
+
+
+def open_h5ad(path: str) -> anndata.AnnData:
+    """Open `path` in backed mode, turning every failure into an IngestError naming the file."""
+    if not os.path.isfile(path):
+        raise IngestError(f"{path}: file not found")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read file: {exc}") from exc
+    if not is_hdf5:
+        raise IngestError(f"{path}: not an HDF5 file (expected an .h5ad written by anndata)")
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except Exception as exc:  # anndata raises many types for corrupt or foreign HDF5 layouts
+        raise IngestError(f"{path}: cannot read as AnnData (.h5ad): {type(exc).__name__}: {exc}") from exc
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    as_str = values.astype(object)
+    return (values.isna() | (as_str.astype(str).str.strip() == "")).to_numpy()
+
+
+def _gene_keys(name: str, adata: anndata.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    var = adata.var
+    ids = var["feature_id"] if "feature_id" in var.columns else pd.Series(adata.var_names, index=adata.var_names)
+    column = "var['feature_id']" if "feature_id" in var.columns else "var_names"
+    empty = _missing(ids)
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise IngestError(f"{name}: {column} has {int(empty.sum())} empty gene id(s), first at var row {i}")
+    ids = ids.astype(str)
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        first = ids.iloc[int(np.flatnonzero(dup)[0])]
+        raise IngestError(f"{name}: {column} has {int(dup.sum())} duplicated gene id(s), first {first!r}")
+    for candidate in ("feature_name", "gene_symbol"):
+        if candidate in var.columns:
+            names = var[candidate].astype(object).where(~_missing(var[candidate]), ids.to_numpy())
+            return ids.to_numpy(dtype=object), names.astype(str).to_numpy(dtype=object)
+    return ids.to_numpy(dtype=object), np.asarray(adata.var_names, dtype=object)
+
+
+def _dataset_id(name: str, adata: anndata.AnnData, given: str | None, stem: str) -> str:
+    if "dataset_id" in adata.obs.columns:
+        col = adata.obs["dataset_id"]
+        if _missing(col).any():
+            raise IngestError(f"{name}: obs['dataset_id'] has missing values")
+        values = pd.unique(col.astype(str))
+        if len(values) != 1:
+            raise IngestError(
+                f"{name}: obs['dataset_id'] holds {len(values)} values ({', '.join(map(str, values[:5]))}); "
+                "one file must be one dataset (datasets are stored contiguously)"
+            )
+        if given is not None and given != values[0]:
+            logger.warning("%s: obs['dataset_id'] = %r takes precedence over %r", name, values[0], given)
+        return str(values[0])
+    return given if given is not None else stem
+
+
+def _labels(
+    name: str, adata: anndata.AnnData, label_columns: list[str], fill_values: dict[str, str]
+) -> dict[str, np.ndarray]:
+    labels: dict[str, np.ndarray] = {}
+    obs_names = np.asarray(adata.obs_names)
+    for col in label_columns:
+        fill = fill_values.get(col)
+        if col not in adata.obs.columns:
+            if fill is None:
+                raise IngestError(
+                    f"{name}: label column {col!r} is missing from obs; pass a fill value (--fill {col}=VALUE)"
+                )
+            labels[col] = np.full(adata.n_obs, fill, dtype=object)
+            continue
+        values = adata.obs[col]
+        missing = _missing(values)
+        out = values.astype(object).astype(str).to_numpy(dtype=object)
+        if missing.any():
+            if fill is None:
+                first = obs_names[int(np.flatnonzero(missing)[0])]
+                raise IngestError(
+                    f"{name}: label column {col!r} has {int(missing.sum())} missing value(s), first at cell "
+                    f"{first!r}; pass a fill value (--fill {col}=VALUE)"
+                )
+            out[missing] = fill
+        if col == "split":
+            bad = ~np.isin(out.astype(str), SPLIT_VALUES)
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                raise IngestError(
+                    f"{name}: obs['split'] must be one of {SPLIT_VALUES}, got {out[first]!r} at cell {obs_names[first]!r}"
+                )
+        labels[col] = out
+    return labels
+
+
+def _first_bad(name: str, src_cells: np.ndarray, genes: np.ndarray, chunk: sp.csr_matrix, start: int, bad: np.ndarray, what: str) -> IngestError:
+    k = int(np.flatnonzero(bad)[0])
+    row = int(np.searchsorted(chunk.indptr, k, side="right") - 1)
+    cell, gene = src_cells[start + row], genes[int(chunk.indices[k])]
+    return IngestError(
+        f"{name}: X has {what}: value {chunk.data[k]!r} at cell {cell!r} (row {start + row}), gene {gene!r}"
+    )
+
+
+def _check_counts(src: Source, chunk_rows: int) -> None:
+    """Scan X chunk by chunk: finite, non-negative, integer, within int32; count cells per gene."""
+    x = src.adata.X
+    if x is None:
+        raise IngestError(f"{src.name}: has no X matrix")
+    dtype = np.dtype(x.dtype)
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise IngestError(f"{src.name}: X has dtype {dtype}, expected numeric counts")
+    n_cells = np.zeros(len(src.feature_ids), dtype=np.int64)
+    nnz, warned = 0, False
+    cells = np.asarray(src.adata.obs_names)
+    for start, chunk in src.iter_chunks(chunk_rows):
+        data = chunk.data
+        if np.issubdtype(data.dtype, np.floating):
+            checks = [
+                (~np.isfinite(data), "NaN or Inf values"),
+                (data < 0, "negative values"),
+                (data != np.floor(data), "non-integer values (log-normalised data? ingest raw integer counts)"),
+                (data > INT32_MAX, f"counts beyond int32 (max {INT32_MAX})"),
+            ]
+        elif np.issubdtype(data.dtype, np.integer):
+            checks = [(data < 0, "negative values"), (data > INT32_MAX, f"counts beyond int32 (max {INT32_MAX})")]
+        else:
+            checks = []
+        for bad, what in checks:
+            if bad.any():
+                raise _first_bad(src.name, cells, src.feature_ids, chunk, start, bad, what)
+        if not warned and data.size and data.max() > FLOAT32_EXACT_MAX:
+            logger.warning("%s: counts above 2**24 are rounded by the float32 X layer", src.name)
+            warned = True
+        nonzero = data != 0
+        nnz += int(nonzero.sum())
+        n_cells += np.bincount(chunk.indices[nonzero], minlength=len(n_cells))
+    src.n_cells_per_gene, src.nnz = n_cells, nnz
+
+
+def validate_source(
+    name: str,
+    adata: anndata.AnnData,
+    *,
+    dataset_id: str | None,
+    stem: str,
+    label_columns: list[str],
+    fill_values: dict[str, str],
+    chunk_rows: int,
+) -> Source:
+    """Check one dataset end to end (ids, labels, every count) and return it ready to write."""
+    if adata.n_obs == 0:
+        raise IngestError(f"{name}: has zero cells")
+    if adata.n_vars == 0:
+        raise IngestError(f"{name}: has zero genes")
+    cells = pd.Index(adata.obs_names)
+    if cells.has_duplicates:
+        dup = cells[cells.duplicated()]
+        raise IngestError(f"{name}: obs_names has {len(dup)} duplicated cell id(s), first {dup[0]!r}")
+    feature_ids, feature_names = _gene_keys(name, adata)
+    src = Source(
+        name=name,
+        adata=adata,
+        dataset_id=_dataset_id(name, adata, dataset_id, stem),
+        feature_ids=feature_ids,
+        feature_names=feature_names,
+        obs_ids=np.asarray(cells, dtype=object),
+        labels=_labels(name, adata, label_columns, fill_values),
+    )
+    _check_counts(src, chunk_rows)
+    return src
+
+
+def default_label_columns(adatas: list[anndata.AnnData]) -> list[str]:
+    """Every categorical / string obs column of any input except dataset_id, in first-seen order."""
+    seen: list[str] = []
+    for adata in adatas:
+        for col, dtype in adata.obs.dtypes.items():
+            is_text = isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype)
+            if is_text and col not in ("dataset_id", "obs_id") and col not in seen:
+                seen.append(str(col))
+    return seen

@@ -1,0 +1,302 @@
+"""Ingest .h5ad files or AnnData objects into one SOMA atlas (appending, union gene vocabulary).
+
+`python -m data_pipelines.ingest --atlas PATH FILE.h5ad [FILE.h5ad ...]`. Every input is validated completely
+(ids, labels, every count) before anything is written; local atlases are then written in a staging copy and
+published atomically (see `_atlas.staged_atlas`). s3:// atlases are written in place after validation: there is
+no rename on S3, so crash-atomicity is a local-path guarantee. Layout: DEVELOPERS.md, "Atlas layout".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+import tiledbsoma
+from tqdm.auto import tqdm
+
+from data_pipelines._atlas import (
+    META_DATASETS,
+    META_LABEL_COLUMNS,
+    AtlasState,
+    create_atlas,
+    read_state,
+    resize_atlas,
+    soma_context,
+    staged_atlas,
+    write_obs,
+    write_var,
+    write_x,
+)
+from data_pipelines._source import IngestError, Source, default_label_columns, open_h5ad, validate_source
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IngestError", "ingest_anndata", "ingest_h5ads", "main"]
+
+
+def ingest_h5ads(
+    atlas_uri: str,
+    paths: list[str],
+    *,
+    dataset_ids: list[str] | None = None,
+    label_columns: list[str] | None = None,
+    fill_values: dict[str, str] | None = None,
+    chunk_rows: int = 10_000,
+    s3_endpoint_url: str | None = None,
+    experiment_metadata: dict[str, str | int | float] | None = None,
+) -> dict:
+    """Append .h5ad files to the atlas at `atlas_uri` (created if absent), reading X in backed row chunks.
+
+    Args:
+        atlas_uri: local path or s3:// URI of the SOMA Experiment.
+        paths: .h5ad files; each becomes one dataset, stored contiguously in the order given.
+        dataset_ids: one id per path; used when a file has no obs['dataset_id'] (default: the file stem).
+        label_columns: obs columns stored as string labels. Default for a new atlas: every categorical or
+            string obs column of any input except dataset_id; for an existing atlas: its label columns (an
+            existing atlas cannot gain label columns, that would rewrite stored cells).
+        fill_values: column -> value used for missing labels (NaN, empty, or the column absent from a file).
+        chunk_rows: cells per read / write chunk (bounds peak memory).
+        s3_endpoint_url: endpoint override for s3:// atlases.
+        experiment_metadata: extra key -> scalar written into the experiment metadata.
+
+    Returns:
+        A summary: atlas_uri, n_obs, n_vars, n_new_genes and one dict per ingested dataset.
+
+    Raises:
+        IngestError: (a ValueError) on any bad input; the atlas is left untouched.
+    """
+    if dataset_ids is not None and len(dataset_ids) != len(paths):
+        raise IngestError(f"got {len(dataset_ids)} dataset ids for {len(paths)} files")
+    openers = [(p, (lambda p=p: open_h5ad(p)), os.path.splitext(os.path.basename(p))[0]) for p in paths]
+    return _ingest(atlas_uri, openers, dataset_ids, label_columns, fill_values, chunk_rows, s3_endpoint_url, experiment_metadata)
+
+
+def ingest_anndata(
+    atlas_uri: str,
+    adatas: list[anndata.AnnData],
+    *,
+    dataset_ids: list[str] | None = None,
+    label_columns: list[str] | None = None,
+    fill_values: dict[str, str] | None = None,
+    chunk_rows: int = 10_000,
+    s3_endpoint_url: str | None = None,
+    experiment_metadata: dict[str, str | int | float] | None = None,
+) -> dict:
+    """Like `ingest_h5ads` for in-memory (or backed) AnnData objects; the default dataset id is `adata<i>`."""
+    if dataset_ids is not None and len(dataset_ids) != len(adatas):
+        raise IngestError(f"got {len(dataset_ids)} dataset ids for {len(adatas)} AnnData objects")
+    openers = [(f"AnnData #{i}", (lambda a=a: a), f"adata{i}") for i, a in enumerate(adatas)]
+    return _ingest(atlas_uri, openers, dataset_ids, label_columns, fill_values, chunk_rows, s3_endpoint_url, experiment_metadata)
+
+
+def _resolve_labels(state: AtlasState, requested: list[str] | None, adatas: list[anndata.AnnData]) -> list[str]:
+    if not state.exists:
+        return list(requested) if requested is not None else default_label_columns(adatas)
+    extra = [c for c in (requested or []) if c not in state.label_columns]
+    if extra:
+        raise IngestError(
+            f"label column(s) {extra} are not in the existing atlas (its label columns: {state.label_columns}); "
+            "label columns are fixed when the atlas is created"
+        )
+    return state.label_columns
+
+
+def _validate_all(
+    state: AtlasState,
+    openers: list[tuple[str, Callable[[], anndata.AnnData], str]],
+    dataset_ids: list[str] | None,
+    label_columns: list[str] | None,
+    fill_values: dict[str, str],
+    chunk_rows: int,
+) -> tuple[list[Source], list[str]]:
+    adatas = [(name, opener(), stem) for name, opener, stem in openers]
+    sources: list[Source] = []
+    try:
+        labels = _resolve_labels(state, label_columns, [a for _, a, _ in adatas])
+        for i, (name, adata, stem) in enumerate(adatas):
+            given = dataset_ids[i] if dataset_ids is not None else None
+            src = validate_source(
+                name, adata, dataset_id=given, stem=stem, label_columns=labels, fill_values=fill_values, chunk_rows=chunk_rows
+            )
+            sources.append(src)
+            taken = state.dataset_ids + [s.dataset_id for s in sources[:-1]]
+            if src.dataset_id in taken:
+                raise IngestError(f"{name}: dataset_id {src.dataset_id!r} is already in the atlas or in an earlier input")
+    except BaseException:
+        for _, adata, _ in adatas:
+            if adata.isbacked:
+                adata.file.close()
+        raise
+    return sources, labels
+
+
+def _plan_var(state: AtlasState, sources: list[Source]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """Union vocabulary: stored genes keep their soma_joinid, new genes are appended; n_cells is summed."""
+    var = state.var.copy()
+    index = {fid: i for i, fid in enumerate(var["feature_id"].astype(str))}
+    new_ids, new_names = [], []
+    maps = []
+    for src in sources:
+        gene_map = np.empty(len(src.feature_ids), dtype=np.int64)
+        for j, (fid, fname) in enumerate(zip(src.feature_ids, src.feature_names)):
+            if fid not in index:
+                index[fid] = len(index)
+                new_ids.append(fid)
+                new_names.append(fname)
+            gene_map[j] = index[fid]
+        maps.append(gene_map)
+    n_cells = np.concatenate([var["n_cells"].to_numpy(np.int64), np.zeros(len(new_ids), np.int64)])
+    for src, gene_map in zip(sources, maps):
+        np.add.at(n_cells, gene_map, src.n_cells_per_gene)
+    out = pd.DataFrame(
+        {
+            "feature_id": list(var["feature_id"].astype(str)) + new_ids,
+            "feature_name": list(var["feature_name"].astype(str)) + new_names,
+            "n_cells": n_cells,
+        }
+    )
+    return out, maps
+
+
+def _write(
+    target: str,
+    ctx: tiledbsoma.SOMATileDBContext,
+    state: AtlasState,
+    sources: list[Source],
+    labels: list[str],
+    var: pd.DataFrame,
+    maps: list[np.ndarray],
+    chunk_rows: int,
+    experiment_metadata: dict,
+) -> list[dict]:
+    n_total = state.n_obs + sum(s.n_obs for s in sources)
+    if state.exists:
+        resize_atlas(target, ctx, n_obs=n_total, n_vars=len(var))
+    else:
+        create_atlas(target, ctx, obs_columns=["obs_id", "dataset_id", *labels], n_obs=n_total, n_vars=len(var))
+    datasets = list(state.datasets)
+    offset = state.n_obs
+    with tiledbsoma.Experiment.open(target, "w", context=ctx) as exp, tqdm(
+        total=n_total - state.n_obs, unit="cells", desc="ingest", file=sys.stderr, disable=None
+    ) as bar:
+        for src, gene_map in zip(sources, maps):
+            for start, chunk in src.iter_chunks(chunk_rows):
+                stop = start + chunk.shape[0]
+                cols = {"obs_id": src.obs_ids[start:stop], "dataset_id": np.full(stop - start, src.dataset_id, object)}
+                cols.update({c: src.labels[c][start:stop] for c in labels})
+                write_obs(exp, offset + start, cols)
+                chunk.eliminate_zeros()
+                coo = chunk.tocoo()
+                write_x(exp, coo.row.astype(np.int64) + offset + start, gene_map[coo.col], coo.data)
+                bar.update(stop - start)
+            datasets.append(
+                {
+                    "dataset_id": src.dataset_id,
+                    "source": src.name,
+                    "n_cells": src.n_obs,
+                    "n_genes": len(src.feature_ids),
+                    "nnz": src.nnz,
+                    "obs_joinid_start": offset,
+                    "obs_joinid_stop": offset + src.n_obs,
+                }
+            )
+            offset += src.n_obs
+        write_var(exp, var)
+        exp.metadata[META_DATASETS] = json.dumps(datasets)
+        exp.metadata[META_LABEL_COLUMNS] = json.dumps(labels)
+        for key, value in experiment_metadata.items():
+            exp.metadata[key] = value
+    return datasets
+
+
+def _ingest(
+    atlas_uri: str,
+    openers: list[tuple[str, Callable[[], anndata.AnnData], str]],
+    dataset_ids: list[str] | None,
+    label_columns: list[str] | None,
+    fill_values: dict[str, str] | None,
+    chunk_rows: int,
+    s3_endpoint_url: str | None,
+    experiment_metadata: dict | None,
+) -> dict:
+    if chunk_rows < 1:
+        raise IngestError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if not openers:
+        raise IngestError("nothing to ingest: no input files")
+    with staged_atlas(atlas_uri) as target:
+        # Read and validate under the atlas lock (staged_atlas holds it for local paths), before any write.
+        state = read_state(atlas_uri, s3_endpoint_url)
+        sources, labels = _validate_all(state, openers, dataset_ids, label_columns, fill_values or {}, chunk_rows)
+        try:
+            var, maps = _plan_var(state, sources)
+            ctx = soma_context(target, s3_endpoint_url)
+            datasets = _write(target, ctx, state, sources, labels, var, maps, chunk_rows, experiment_metadata or {})
+        finally:
+            for src in sources:
+                src.close()
+    n_new = len(var) - len(state.var)
+    logger.info("ingested %d dataset(s) into %s: %d cells, %d genes (%d new)", len(sources), atlas_uri, datasets[-1]["obs_joinid_stop"], len(var), n_new)
+    return {
+        "atlas_uri": atlas_uri,
+        "n_obs": int(datasets[-1]["obs_joinid_stop"]),
+        "n_vars": len(var),
+        "n_new_genes": n_new,
+        "label_columns": labels,
+        "datasets": datasets[len(state.datasets) :],
+    }
+
+
+def _parse_fill(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        col, sep, value = item.partition("=")
+        if not sep or not col:
+            raise IngestError(f"--fill expects COLUMN=VALUE, got {item!r}")
+        out[col] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipelines.ingest", description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="input files, one dataset each")
+    p.add_argument("--atlas", required=True, help="SOMA experiment: local path or s3:// URI (created if absent)")
+    p.add_argument("--dataset-id", action="append", dest="dataset_ids", help="dataset id per file (repeat, in order)")
+    p.add_argument("--label-column", action="append", dest="label_columns", help="obs label column (repeatable)")
+    p.add_argument("--fill", action="append", default=[], metavar="COL=VALUE", help="fill value for missing labels")
+    p.add_argument("--chunk-rows", type=int, default=10_000, help="cells per chunk (default 10000)")
+    p.add_argument("--s3-endpoint-url", default=None, help="endpoint override for s3:// atlases")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns 0 on success, 2 on bad input (message on stderr, atlas unchanged)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = ingest_h5ads(
+            args.atlas,
+            args.files,
+            dataset_ids=args.dataset_ids,
+            label_columns=args.label_columns,
+            fill_values=_parse_fill(args.fill),
+            chunk_rows=args.chunk_rows,
+            s3_endpoint_url=args.s3_endpoint_url,
+        )
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for d in summary["datasets"]:
+        print(f"{d['dataset_id']}: {d['n_cells']} cells, {d['n_genes']} genes ({d['source']})")
+    print(f"atlas {summary['atlas_uri']}: {summary['n_obs']} cells, {summary['n_vars']} genes ({summary['n_new_genes']} new)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
