@@ -1,0 +1,24 @@
+"""Experiment tracking: the `MetricLogger` role, a null and a stdout logger, and MLflow (rank 0 only).
+
+`tracking/mlflow.py` is the only module that imports mlflow; it is imported lazily by `build_logger`.
+"""
+
+from scldm_scale.tracking.base import (
+    DatasetInfo,
+    FanoutLogger,
+    MetricLogger,
+    NullLogger,
+    StdoutLogger,
+    build_logger,
+    format_metrics,
+)
+
+__all__ = [
+    "DatasetInfo",
+    "FanoutLogger",
+    "MetricLogger",
+    "NullLogger",
+    "StdoutLogger",
+    "build_logger",
+    "format_metrics",
+]

@@ -1,0 +1,185 @@
+"""The `MetricLogger` protocol and the loggers that need no tracking server.
+
+Only rank 0 ever holds a real logger; every other rank holds a `NullLogger` that still knows the run id.
+No mlflow import here (see `tracking/mlflow.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from scldm_scale.config.tracking import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What identifies the training data of a run (logged as an MLflow dataset input)."""
+
+    name: str
+    """Short dataset name, e.g. the atlas folder name."""
+    uri: str
+    """SOMA experiment URI."""
+    value_filter: str | None
+    """obs query selecting the training cells."""
+    num_cells: int
+    """Cells matched by the filter."""
+    digest: str
+    """Stable content digest (e.g. of the cell ids and gene vocabulary)."""
+    num_genes: int | None = None
+    """Gene vocabulary size."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serializable)."""
+        return asdict(self)
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """Role of anything that records a run: params once, metrics per step, files, one close."""
+
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record the (flattened) configuration and run-time values."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Record scalar metrics at an optimizer step."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Attach string tags (lineage, run_dir, checkpoints)."""
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Upload a local file."""
+
+    def log_dataset(self, info: DatasetInfo, context: str = "train") -> None:
+        """Record the training data as a run input."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and end the run (status FINISHED, FAILED or KILLED)."""
+
+
+class NullLogger:
+    """Logs nothing; the logger of non-zero ranks (it still carries the job's run id)."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """No-op."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """No-op."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """No-op."""
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """No-op."""
+
+    def log_dataset(self, info: DatasetInfo, context: str = "train") -> None:
+        """No-op."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """No-op."""
+
+
+def format_metrics(metrics: dict[str, float], step: int) -> str:
+    """One compact progress line: `step 10 | train/loss 1.234 | lr 1e-03`."""
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())]
+    return " | ".join([f"step {step}", *parts])
+
+
+class StdoutLogger(NullLogger):
+    """Writes each metrics record as one INFO log line (progress on rank 0)."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log the number of params (the config itself goes to run_dir/config.yaml)."""
+        logger.info("run params: %d keys", len(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log one progress line."""
+        logger.info(format_metrics(metrics, step))
+
+
+class FanoutLogger:
+    """Sends every call to several loggers (e.g. progress lines plus MLflow)."""
+
+    def __init__(self, loggers: list[MetricLogger]) -> None:
+        self.loggers = loggers
+
+    @property
+    def run_id(self) -> str | None:
+        """The first run id any child knows."""
+        return next((lg.run_id for lg in self.loggers if lg.run_id), None)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Forward."""
+        for lg in self.loggers:
+            lg.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Forward."""
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Forward."""
+        for lg in self.loggers:
+            lg.set_tags(tags)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Forward."""
+        for lg in self.loggers:
+            lg.log_artifact(path, artifact_path)
+
+    def log_dataset(self, info: DatasetInfo, context: str = "train") -> None:
+        """Forward."""
+        for lg in self.loggers:
+            lg.log_dataset(info, context)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Close every child, even if one fails."""
+        for lg in self.loggers:
+            try:
+                lg.close(status)
+            except Exception:  # noqa: BLE001 - teardown must reach every logger
+                logger.exception("closing %s failed", type(lg).__name__)
+
+
+def build_logger(
+    cfg: TrackingConfig,
+    rank: int,
+    *,
+    run_id: str | None = None,
+    spill_dir: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> MetricLogger:
+    """The logger for this rank: the configured backend on rank 0, a `NullLogger` elsewhere.
+
+    Args:
+        cfg: the `tracking` config section.
+        rank: global rank of this process.
+        run_id: an existing MLflow run to continue (resume); None opens a new run.
+        spill_dir: folder (the run_dir) where records that could not reach the server are kept
+            and picked up again by the next job.
+        tags: tags set when the run is opened.
+
+    Returns:
+        A `MetricLogger`. Non-zero ranks get `NullLogger(run_id)`; broadcast rank 0's `run_id` to fill it.
+    """
+    if rank != 0:
+        return NullLogger(run_id)
+    loggers: list[MetricLogger] = [StdoutLogger(run_id)] if cfg.enable_stdout else []
+    if cfg.backend == "mlflow":
+        from scldm_scale.tracking.mlflow import MLflowLogger  # mlflow is slow to import; rank 0 only
+
+        loggers.append(MLflowLogger(cfg, run_id=run_id, spill_dir=spill_dir, tags=tags))
+    elif cfg.backend == "stdout" and not cfg.enable_stdout:
+        loggers.append(StdoutLogger(run_id))
+    if not loggers:
+        return NullLogger(run_id)
+    return loggers[0] if len(loggers) == 1 else FanoutLogger(loggers)
