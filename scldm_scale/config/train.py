@@ -20,9 +20,17 @@ class TrainConfig:
     """Model-init and dropout seed."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available."""
+    nonfinite: Literal["skip", "stop"] = "stop"
+    """A step whose loss or gradient norm is not finite on any rank: skip it (and count it) or stop the run."""
+    max_skipped_steps: int = 100
+    """With nonfinite=skip: stop anyway once this many steps have been skipped in total."""
+    enable_progress_bar: bool = True
+    """Show a progress bar on rank 0."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
