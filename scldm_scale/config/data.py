@@ -6,6 +6,7 @@ Owned by the loader (`scldm_scale/data/`). Torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 DEMO_ATLAS = "demo"
 
@@ -26,16 +27,26 @@ class SomaDataConfig:
     """obs query for validation cells; None disables validation."""
     label_columns: list[str] = field(default_factory=lambda: ["dataset_id", "cell_type"])
     """obs columns turned into integer label ids (0 is reserved for unknown / null)."""
+    min_gene_cells: int = 0
+    """Keep only genes whose var `n_cells` (cells with a non-zero count) is at least this; 0 keeps all."""
     micro_batch_size: int = 64
     """Cells per micro-batch per rank."""
     max_tokens_per_cell: int | None = None
     """Cap on expressed genes per cell; longer cells are subsampled (and flagged). None = no cap."""
     shuffle: bool = True
     """Two-level shuffle (chunk permutation + shuffle buffer); False reads sequentially."""
-    seed: int = 0
-    """Shuffle seed; the order is a pure function of (seed, epoch)."""
+    seed: int | None = None
+    """Shuffle seed; the order is a pure function of (seed, epoch). Required when shuffling on > 1 rank."""
+    shuffle_chunk_cells: int = 2048
+    """Contiguous cells per read chunk (first shuffle level: chunks are permuted). Larger reads faster."""
+    shuffle_buffer_cells: int = 65536
+    """Cells shuffled together in memory (second level); rounded down to whole chunks."""
+    remainder: Literal["pad", "drop"] = "pad"
+    """Equal batches on every rank: "pad" repeats cells (flagged `is_padding`), "drop" drops the tail."""
+    memory_budget_mb: int = 1024
+    """Bytes of decoded cells held per rank (all workers together), prefetch included."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (0: read in a prefetch thread of the training process)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -44,3 +55,18 @@ class SomaDataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.max_tokens_per_cell is not None and self.max_tokens_per_cell < 1:
             raise ValueError(f"data.max_tokens_per_cell must be >= 1 or null, got {self.max_tokens_per_cell}")
+        if self.min_gene_cells < 0:
+            raise ValueError(f"data.min_gene_cells must be >= 0, got {self.min_gene_cells}")
+        if self.shuffle_chunk_cells < 1:
+            raise ValueError(f"data.shuffle_chunk_cells must be >= 1, got {self.shuffle_chunk_cells}")
+        if self.shuffle_buffer_cells < self.shuffle_chunk_cells:
+            raise ValueError(
+                f"data.shuffle_buffer_cells must be >= data.shuffle_chunk_cells, got "
+                f"{self.shuffle_buffer_cells} < {self.shuffle_chunk_cells}"
+            )
+        if self.remainder not in ("pad", "drop"):
+            raise ValueError(f"data.remainder must be 'pad' or 'drop', got {self.remainder!r}")
+        if self.memory_budget_mb < 1:
+            raise ValueError(f"data.memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
+        if len(set(self.label_columns)) != len(self.label_columns):
+            raise ValueError(f"data.label_columns has duplicates: {self.label_columns}")
