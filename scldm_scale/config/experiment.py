@@ -1,8 +1,10 @@
-"""Root schemas: one per training stage. Cross-field checks live here."""
+"""Root schemas: one per training stage. Cross-field checks live here, collected and raised once."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from scldm_scale.config.checkpoint import CheckpointConfig
 from scldm_scale.config.data import SomaDataConfig
@@ -13,13 +15,35 @@ from scldm_scale.config.optim import OptimConfig
 from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.config.train import TrainConfig
 
+DEFAULT_STAGE1_RUN_DIR = "runs/vae-demo"
+"""Stage-1 run_dir used by stage 2 when neither `stage1.checkpoint` nor `stage1.mlflow_run_id` is set."""
+
 
 @dataclass(kw_only=True)
 class Stage1Config:
     checkpoint: str | None = None
-    """Stage-1 run_dir (latest checkpoint used) or one checkpoint directory."""
+    """Stage-1 run_dir (latest checkpoint used) or one checkpoint directory; None (and no run id) = runs/vae-demo."""
     mlflow_run_id: str | None = None
-    """Alternative to `checkpoint`: the stage-1 MLflow run; its checkpoint path is looked up."""
+    """Alternative to `checkpoint`: the stage-1 MLflow run (at `tracking.uri`); its checkpoint is looked up."""
+
+
+@dataclass(kw_only=True)
+class LatentCacheConfig:
+    mode: Literal["auto", "on", "off"] = "auto"
+    """auto = cache when the training latents fit `max_bytes`; on = always; off = encode every batch on the fly."""
+    max_bytes: int = 2 * 2**30
+    """Budget: the cached latents of the whole training set must fit this (held in memory by every rank)."""
+    dir: str | None = None
+    """Cache folder (sharded safetensors + index.json); None = `<train.run_dir>/latent_cache`."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError(f"latent_cache.max_bytes must be >= 0, got {self.max_bytes}")
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
 
 
 @dataclass(kw_only=True)
@@ -50,7 +74,11 @@ class LDMExperimentConfig:
     """Stage-2 DiT."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Flow matching and sampling."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.999], schedule="cosine"))
+    latent_cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    """Encode the training set once with the frozen VAE, or on the fly."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.999], schedule="cosine")
+    )
     """Optimizer and schedule (reference: AdamW 5e-4, cosine)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/ldm-demo"))
     """Loop."""
@@ -60,3 +88,25 @@ class LDMExperimentConfig:
     """Checkpointing."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stage1.checkpoint is not None and self.stage1.mlflow_run_id is not None:
+            problems.append("stage1.checkpoint and stage1.mlflow_run_id are exclusive: set only one")
+        n_weights, n_labels = len(self.flow.guidance_weights), len(self.data.label_columns)
+        if n_weights not in (0, n_labels):
+            problems.append(
+                f"flow.guidance_weights needs one weight per data.label_columns entry ({n_labels}), got {n_weights}"
+            )
+        stage1_dir = self.stage1.checkpoint or (None if self.stage1.mlflow_run_id else DEFAULT_STAGE1_RUN_DIR)
+        if stage1_dir is not None and _same_path(stage1_dir, self.train.run_dir):
+            problems.append(
+                f"train.run_dir={self.train.run_dir!r} is the stage-1 run_dir: stage 2 would resume the autoencoder's "
+                "checkpoints; give stage 2 its own train.run_dir"
+            )
+        _raise(problems)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Same folder, however spelled (`runs/x`, `./runs/x/`)."""
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))

@@ -51,4 +51,6 @@ class TrackingConfig:
         if self.request_max_retries < 0:
             raise ValueError(f"tracking.request_max_retries must be >= 0, got {self.request_max_retries}")
         if self.retry_interval_seconds < 0:
-            raise ValueError(f"tracking.retry_interval_seconds must be >= 0, got {self.retry_interval_seconds}")
+            raise ValueError(
+                f"tracking.retry_interval_seconds must be >= 0, got {self.retry_interval_seconds}"
+            )

@@ -92,7 +92,9 @@ class MLflowLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics, stamped now."""
         values = {k: float(v) for k, v in metrics.items()}
-        self._submit({"op": "metrics", "metrics": values, "step": int(step), "time_ms": int(time.time() * 1000)})
+        self._submit(
+            {"op": "metrics", "metrics": values, "step": int(step), "time_ms": int(time.time() * 1000)}
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Queue tags."""
@@ -135,7 +137,9 @@ class MLflowLogger:
             if self._online:
                 logger.warning(
                     "MLflow at %s is unreachable (%s: %s); training goes on, %d record(s) kept for later",
-                    self.cfg.uri, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
+                    self.cfg.uri,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
                     len(self._pending),
                 )
             self._online = False
@@ -195,7 +199,9 @@ class MLflowLogger:
             info = rec["info"]
             profile = {k: info[k] for k in ("num_cells", "num_genes", "value_filter")}
             dataset = Dataset(
-                name=info["name"], digest=info["digest"][:36], source_type="soma",
+                name=info["name"],
+                digest=info["digest"][:36],
+                source_type="soma",
                 source=json.dumps({"uri": info["uri"], "value_filter": info["value_filter"]}),
                 profile=json.dumps(profile),
             )
@@ -212,7 +218,9 @@ class MLflowLogger:
             existing = self._client.get_run(self.run_id).data.params
             changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
             if changed:
-                logger.warning("resumed run: params changed since the first job, first values kept: %s", changed)
+                logger.warning(
+                    "resumed run: params changed since the first job, first values kept: %s", changed
+                )
             params = {k: v for k, v in params.items() if k not in existing}
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
@@ -231,7 +239,9 @@ class MLflowLogger:
 
     def _spill_pending(self) -> None:
         if self._spill is None:
-            logger.warning("MLflow unreachable at close: %d record(s) dropped (no run_dir)", len(self._pending))
+            logger.warning(
+                "MLflow unreachable at close: %d record(s) dropped (no run_dir)", len(self._pending)
+            )
             return
         self._spill.parent.mkdir(parents=True, exist_ok=True)
         with self._spill.open("a") as fh:
@@ -239,7 +249,8 @@ class MLflowLogger:
                 fh.write(json.dumps(rec) + "\n")
         logger.warning(
             "MLflow unreachable at close: %d record(s) kept in %s; the next job on this run_dir sends them",
-            len(self._pending), self._spill,
+            len(self._pending),
+            self._spill,
         )
         self._pending.clear()
 
@@ -254,4 +265,6 @@ def get_run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str]:
     try:
         return dict(MlflowClient(tracking_uri=cfg.uri).get_run(run_id).data.tags)
     except Exception as exc:  # noqa: BLE001 - turned into a config error naming the key
-        raise ValueError(f"stage1.mlflow_run_id={run_id!r}: no such run at tracking.uri={cfg.uri!r} ({exc})") from exc
+        raise ValueError(
+            f"stage1.mlflow_run_id={run_id!r}: no such run at tracking.uri={cfg.uri!r} ({exc})"
+        ) from exc

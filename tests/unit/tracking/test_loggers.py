@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from scldm_scale.config import TrackingConfig
-from scldm_scale.tracking import DatasetInfo, FanoutLogger, NullLogger, StdoutLogger, build_logger, format_metrics
+from scldm_scale.tracking import (
+    DatasetInfo,
+    FanoutLogger,
+    NullLogger,
+    StdoutLogger,
+    build_logger,
+    format_metrics,
+)
 
 
 class _Records(logging.Handler):
@@ -69,8 +76,14 @@ def test_format_metrics_is_one_sorted_line():
 
 
 def _dataset() -> DatasetInfo:
-    return DatasetInfo(name="demo", uri="/x/demo", value_filter="split == 'train'", num_cells=123,
-                       digest="d" * 40, num_genes=50)
+    return DatasetInfo(
+        name="demo",
+        uri="/x/demo",
+        value_filter="split == 'train'",
+        num_cells=123,
+        digest="d" * 40,
+        num_genes=50,
+    )
 
 
 def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records):
@@ -97,7 +110,10 @@ def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records):
     (ds,) = run.inputs.dataset_inputs
     assert json.loads(ds.dataset.profile)["num_cells"] == 123 and ds.dataset.source_type == "soma"
     assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
-    assert Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")).parent == tmp_path
+    assert (
+        Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")).parent
+        == tmp_path
+    )
 
     resumed = MLflowLogger(cfg, run_id=run_id)
     resumed.log_params({"train.max_steps": 9, "new.key": 1})
@@ -115,8 +131,12 @@ def test_unreachable_server_keeps_records_and_next_job_sends_them(tmp_path, mlfl
 
     from scldm_scale.tracking.mlflow import PENDING_FILE, MLflowLogger
 
-    down = TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", request_timeout_seconds=1,
-                          request_max_retries=0, enable_system_metrics=False)
+    down = TrackingConfig(
+        uri=f"http://127.0.0.1:{_free_port()}",
+        request_timeout_seconds=1,
+        request_max_retries=0,
+        enable_system_metrics=False,
+    )
     lg = MLflowLogger(down, spill_dir=str(tmp_path))
     lg.log_params({"a": 1})
     for step in range(3):
