@@ -1,0 +1,178 @@
+"""Latent cache for stage 2: the frozen autoencoder encodes the whole training set once, each rank writes
+its shard, and a loader reads the latents back with the loader contract (`set_epoch`, `state_dict`).
+
+Layout under the cache folder: `shard-<rank>-of-<world>.safetensors` (latents (N, M, L) fp32, labels (N, K),
+soma_joinid (N,), library_size (N,)) and `index.json` (shards, cell count, latent shape, and the `key`
+that names the stage-1 checkpoint, atlas and filter the cache was built from; a cache whose key differs
+is rebuilt). Reading sorts cells by `soma_joinid`, so the order does not depend on the writer's world size.
+
+Shape legend: N cells, B micro-batch, M latent tokens, L latent dim, K label columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scldm_scale.train.ldm_step import LATENTS
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+"""The cache's table of contents, written by rank 0 once every shard exists."""
+CACHED_KEYS = (LATENTS, "labels", "soma_joinid", "library_size")
+"""Batch keys stored per cell."""
+
+
+def estimate_bytes(num_cells: int, latent_shape: tuple[int, int], num_labels: int) -> int:
+    """Bytes the cache takes on disk and in each reader's memory."""
+    m, l_dim = latent_shape
+    return num_cells * (4 * m * l_dim + 8 * num_labels + 8 + 4)
+
+
+def cache_is_valid(cache_dir: str | Path, key: dict[str, Any]) -> bool:
+    """True when `index.json` exists and was built from the same stage-1 checkpoint, atlas and filter."""
+    index = Path(cache_dir) / INDEX_FILE
+    return index.exists() and json.loads(index.read_text()).get("key") == key
+
+
+def write_shard(
+    cache_dir: str | Path,
+    batches: Iterable[dict[str, torch.Tensor]],
+    encode: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    rank: int,
+    world_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Encode this rank's share of the training set (one pass of its loader) and write its shard.
+
+    Args:
+        cache_dir: cache folder (created).
+        batches: this rank's batches, each with `gene_ids`, `counts`, `mask`, `labels`, `soma_joinid`,
+            `library_size` (on the encoder's device).
+        encode: batch -> latents (B, M, L), e.g. the frozen VAE's posterior mean.
+        progress: called with the number of cells encoded so far (rank 0 progress).
+
+    Returns:
+        Cells written by this rank.
+    """
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in CACHED_KEYS}
+    seen = 0
+    for batch in batches:
+        parts[LATENTS].append(encode(batch).float().cpu())
+        for k in CACHED_KEYS[1:]:
+            parts[k].append(batch[k].cpu())
+        seen += batch["soma_joinid"].shape[0]
+        if progress is not None:
+            progress(seen)
+    if not parts[LATENTS]:
+        raise ValueError(f"rank {rank}: the training loader yielded no cells to encode")
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    path = Path(cache_dir) / f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").rename(path)  # a crash never leaves a half-written shard under the real name
+    return seen
+
+
+def write_index(cache_dir: str | Path, *, world_size: int, key: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after every shard is written (barrier): record the shards and the cache's key."""
+    cache_dir = Path(cache_dir)
+    shards = [f"shard-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
+    missing = [s for s in shards if not (cache_dir / s).exists()]
+    if missing:
+        raise FileNotFoundError(f"latent cache {cache_dir}: shards missing {missing}")
+    counts, shape = [], None
+    for s in shards:
+        t = load_file(str(cache_dir / s))
+        counts.append(int(t["soma_joinid"].shape[0]))
+        shape = list(t[LATENTS].shape[1:])
+    index = {
+        "shards": shards,
+        "num_cells_per_shard": counts,
+        "num_cells": sum(counts),
+        "latent_shape": shape,
+        "key": key,
+    }
+    (cache_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    return index
+
+
+class LatentCacheLoader:
+    """Batches of cached latents for one rank, with the loader's epoch and position semantics.
+
+    Every epoch is a seeded permutation of all cached cells (a pure function of seed and epoch); rank r
+    takes positions r, r + world, ... truncated so every rank has the same number of batches (a rank
+    must never wait on a collective its peers skip). `state_dict()` is (epoch, batches yielded), so a
+    resumed job continues mid-epoch exactly where it stopped.
+
+    Args:
+        cache_dir: folder holding `index.json` and the shards.
+        rank, world_size: this rank's place.
+        micro_batch_size: cells per batch.
+        seed: permutation seed.
+        shuffle: False reads cells in `soma_joinid` order.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        index = json.loads((Path(cache_dir) / INDEX_FILE).read_text())
+        shards = [load_file(str(Path(cache_dir) / s)) for s in index["shards"]]
+        cells = {k: torch.cat([s[k] for s in shards]) for k in CACHED_KEYS}
+        order = torch.argsort(cells["soma_joinid"])
+        self.cells = {k: v[order] for k, v in cells.items()}
+        self.num_cells = int(order.numel())
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        if self.num_cells < world_size:
+            raise ValueError(f"latent cache has {self.num_cells} cells for {world_size} ranks")
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        per_rank = self.num_cells // self.world_size
+        return -(-per_rank // self.micro_batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch."""
+        self.epoch, self.position = epoch, 0
+
+    def _rank_order(self) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.num_cells, generator=g)
+        else:
+            perm = torch.arange(self.num_cells)
+        per_rank = self.num_cells // self.world_size
+        return perm[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self._rank_order()
+        while self.position < len(self):
+            start = self.position * self.micro_batch_size
+            idx = order[start : start + self.micro_batch_size]
+            self.position += 1
+            yield {k: v[idx] for k, v in self.cells.items()}
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches already yielded in it."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after the last yielded batch."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
