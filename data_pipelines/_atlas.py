@@ -120,7 +120,9 @@ def _exchange(a: str, b: str) -> bool:
 def _recover(path: str) -> None:
     """Undo what a crashed writer left behind: restore a half-swapped atlas, delete stale staging dirs."""
     parent, name = os.path.split(os.path.abspath(path))
-    leftovers = [e for e in os.listdir(parent) if e.startswith(f".{name}.staging-") or e.startswith(f".{name}.old-")]
+    leftovers = [
+        e for e in os.listdir(parent) if e.startswith(f".{name}.staging-") or e.startswith(f".{name}.old-")
+    ]
     for entry in sorted(leftovers):
         full = os.path.join(parent, entry)
         if entry.startswith(f".{name}.old-") and not os.path.exists(path):
@@ -195,7 +197,9 @@ class AtlasState:
     exists: bool = False
     n_obs: int = 0
     obs_columns: list[str] = field(default_factory=list)
-    var: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["feature_id", "feature_name", "n_cells"]))
+    var: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["feature_id", "feature_name", "n_cells"])
+    )
     datasets: list[dict] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
 
@@ -241,7 +245,9 @@ def create_atlas(
     uri: str, ctx: tiledbsoma.SOMATileDBContext, *, obs_columns: list[str], n_obs: int, n_vars: int
 ) -> None:
     """Create an empty experiment (obs, ms/RNA/var, ms/RNA/X/raw) sized (n_obs, n_vars)."""
-    obs_schema = pa.schema([pa.field("soma_joinid", pa.int64(), nullable=False)] + [_string_field(c) for c in obs_columns])
+    obs_schema = pa.schema(
+        [pa.field("soma_joinid", pa.int64(), nullable=False)] + [_string_field(c) for c in obs_columns]
+    )
     var_schema = pa.schema(
         [
             pa.field("soma_joinid", pa.int64(), nullable=False),
@@ -251,10 +257,16 @@ def create_atlas(
         ]
     )
     with tiledbsoma.Experiment.create(uri, context=ctx) as exp:
-        exp.add_new_dataframe("obs", schema=obs_schema, index_column_names=["soma_joinid"], domain=[(0, n_obs - 1)])
+        exp.add_new_dataframe(
+            "obs", schema=obs_schema, index_column_names=["soma_joinid"], domain=[(0, n_obs - 1)]
+        )
         rna = exp.add_new_collection("ms").add_new_collection(MEASUREMENT_NAME, tiledbsoma.Measurement)
-        rna.add_new_dataframe("var", schema=var_schema, index_column_names=["soma_joinid"], domain=[(0, n_vars - 1)])
-        rna.add_new_collection("X").add_new_sparse_ndarray(LAYER_NAME, type=pa.float32(), shape=(n_obs, n_vars))
+        rna.add_new_dataframe(
+            "var", schema=var_schema, index_column_names=["soma_joinid"], domain=[(0, n_vars - 1)]
+        )
+        rna.add_new_collection("X").add_new_sparse_ndarray(
+            LAYER_NAME, type=pa.float32(), shape=(n_obs, n_vars)
+        )
         exp.metadata[META_FORMAT] = FORMAT_VERSION
 
 

@@ -56,7 +56,9 @@ class Source:
         """Yield (first row, CSR chunk) over X; only one chunk is in memory at a time (backed mode)."""
         x = self.adata.X
         dense = isinstance(x, (np.ndarray, h5py.Dataset))
-        step = max(1, min(chunk_rows, _DENSE_CHUNK_VALUES // max(1, self.adata.n_vars))) if dense else chunk_rows
+        step = (
+            max(1, min(chunk_rows, _DENSE_CHUNK_VALUES // max(1, self.adata.n_vars))) if dense else chunk_rows
+        )
         for start in range(0, self.n_obs, step):
             chunk = x[start : min(start + step, self.n_obs)]
             chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
@@ -87,7 +89,11 @@ def _missing(values: pd.Series) -> np.ndarray:
 
 def _gene_keys(name: str, adata: anndata.AnnData) -> tuple[np.ndarray, np.ndarray]:
     var = adata.var
-    ids = var["feature_id"] if "feature_id" in var.columns else pd.Series(adata.var_names, index=adata.var_names)
+    ids = (
+        var["feature_id"]
+        if "feature_id" in var.columns
+        else pd.Series(adata.var_names, index=adata.var_names)
+    )
     column = "var['feature_id']" if "feature_id" in var.columns else "var_names"
     empty = _missing(ids)
     if empty.any():
@@ -158,7 +164,15 @@ def _labels(
     return labels
 
 
-def _first_bad(name: str, src_cells: np.ndarray, genes: np.ndarray, chunk: sp.csr_matrix, start: int, bad: np.ndarray, what: str) -> IngestError:
+def _first_bad(
+    name: str,
+    src_cells: np.ndarray,
+    genes: np.ndarray,
+    chunk: sp.csr_matrix,
+    start: int,
+    bad: np.ndarray,
+    what: str,
+) -> IngestError:
     k = int(np.flatnonzero(bad)[0])
     row = int(np.searchsorted(chunk.indptr, k, side="right") - 1)
     cell, gene = src_cells[start + row], genes[int(chunk.indices[k])]
@@ -184,11 +198,17 @@ def _check_counts(src: Source, chunk_rows: int) -> None:
             checks = [
                 (~np.isfinite(data), "NaN or Inf values"),
                 (data < 0, "negative values"),
-                (data != np.floor(data), "non-integer values (log-normalised data? ingest raw integer counts)"),
+                (
+                    data != np.floor(data),
+                    "non-integer values (log-normalised data? ingest raw integer counts)",
+                ),
                 (data > INT32_MAX, f"counts beyond int32 (max {INT32_MAX})"),
             ]
         elif np.issubdtype(data.dtype, np.integer):
-            checks = [(data < 0, "negative values"), (data > INT32_MAX, f"counts beyond int32 (max {INT32_MAX})")]
+            checks = [
+                (data < 0, "negative values"),
+                (data > INT32_MAX, f"counts beyond int32 (max {INT32_MAX})"),
+            ]
         else:
             checks = []
         for bad, what in checks:

@@ -75,7 +75,16 @@ def ingest_h5ads(
     if dataset_ids is not None and len(dataset_ids) != len(paths):
         raise IngestError(f"got {len(dataset_ids)} dataset ids for {len(paths)} files")
     openers = [(p, (lambda p=p: open_h5ad(p)), os.path.splitext(os.path.basename(p))[0]) for p in paths]
-    return _ingest(atlas_uri, openers, dataset_ids, label_columns, fill_values, chunk_rows, s3_endpoint_url, experiment_metadata)
+    return _ingest(
+        atlas_uri,
+        openers,
+        dataset_ids,
+        label_columns,
+        fill_values,
+        chunk_rows,
+        s3_endpoint_url,
+        experiment_metadata,
+    )
 
 
 def ingest_anndata(
@@ -93,10 +102,21 @@ def ingest_anndata(
     if dataset_ids is not None and len(dataset_ids) != len(adatas):
         raise IngestError(f"got {len(dataset_ids)} dataset ids for {len(adatas)} AnnData objects")
     openers = [(f"AnnData #{i}", (lambda a=a: a), f"adata{i}") for i, a in enumerate(adatas)]
-    return _ingest(atlas_uri, openers, dataset_ids, label_columns, fill_values, chunk_rows, s3_endpoint_url, experiment_metadata)
+    return _ingest(
+        atlas_uri,
+        openers,
+        dataset_ids,
+        label_columns,
+        fill_values,
+        chunk_rows,
+        s3_endpoint_url,
+        experiment_metadata,
+    )
 
 
-def _resolve_labels(state: AtlasState, requested: list[str] | None, adatas: list[anndata.AnnData]) -> list[str]:
+def _resolve_labels(
+    state: AtlasState, requested: list[str] | None, adatas: list[anndata.AnnData]
+) -> list[str]:
     if not state.exists:
         return list(requested) if requested is not None else default_label_columns(adatas)
     extra = [c for c in (requested or []) if c not in state.label_columns]
@@ -123,12 +143,20 @@ def _validate_all(
         for i, (name, adata, stem) in enumerate(adatas):
             given = dataset_ids[i] if dataset_ids is not None else None
             src = validate_source(
-                name, adata, dataset_id=given, stem=stem, label_columns=labels, fill_values=fill_values, chunk_rows=chunk_rows
+                name,
+                adata,
+                dataset_id=given,
+                stem=stem,
+                label_columns=labels,
+                fill_values=fill_values,
+                chunk_rows=chunk_rows,
             )
             sources.append(src)
             taken = state.dataset_ids + [s.dataset_id for s in sources[:-1]]
             if src.dataset_id in taken:
-                raise IngestError(f"{name}: dataset_id {src.dataset_id!r} is already in the atlas or in an earlier input")
+                raise IngestError(
+                    f"{name}: dataset_id {src.dataset_id!r} is already in the atlas or in an earlier input"
+                )
     except BaseException:
         for _, adata, _ in adatas:
             if adata.isbacked:
@@ -180,16 +208,22 @@ def _write(
     if state.exists:
         resize_atlas(target, ctx, n_obs=n_total, n_vars=len(var))
     else:
-        create_atlas(target, ctx, obs_columns=["obs_id", "dataset_id", *labels], n_obs=n_total, n_vars=len(var))
+        create_atlas(
+            target, ctx, obs_columns=["obs_id", "dataset_id", *labels], n_obs=n_total, n_vars=len(var)
+        )
     datasets = list(state.datasets)
     offset = state.n_obs
-    with tiledbsoma.Experiment.open(target, "w", context=ctx) as exp, tqdm(
-        total=n_total - state.n_obs, unit="cells", desc="ingest", file=sys.stderr, disable=None
-    ) as bar:
+    with (
+        tiledbsoma.Experiment.open(target, "w", context=ctx) as exp,
+        tqdm(total=n_total - state.n_obs, unit="cells", desc="ingest", file=sys.stderr, disable=None) as bar,
+    ):
         for src, gene_map in zip(sources, maps):
             for start, chunk in src.iter_chunks(chunk_rows):
                 stop = start + chunk.shape[0]
-                cols = {"obs_id": src.obs_ids[start:stop], "dataset_id": np.full(stop - start, src.dataset_id, object)}
+                cols = {
+                    "obs_id": src.obs_ids[start:stop],
+                    "dataset_id": np.full(stop - start, src.dataset_id, object),
+                }
                 cols.update({c: src.labels[c][start:stop] for c in labels})
                 write_obs(exp, offset + start, cols)
                 chunk.eliminate_zeros()
@@ -233,16 +267,27 @@ def _ingest(
     with staged_atlas(atlas_uri) as target:
         # Read and validate under the atlas lock (staged_atlas holds it for local paths), before any write.
         state = read_state(atlas_uri, s3_endpoint_url)
-        sources, labels = _validate_all(state, openers, dataset_ids, label_columns, fill_values or {}, chunk_rows)
+        sources, labels = _validate_all(
+            state, openers, dataset_ids, label_columns, fill_values or {}, chunk_rows
+        )
         try:
             var, maps = _plan_var(state, sources)
             ctx = soma_context(target, s3_endpoint_url)
-            datasets = _write(target, ctx, state, sources, labels, var, maps, chunk_rows, experiment_metadata or {})
+            datasets = _write(
+                target, ctx, state, sources, labels, var, maps, chunk_rows, experiment_metadata or {}
+            )
         finally:
             for src in sources:
                 src.close()
     n_new = len(var) - len(state.var)
-    logger.info("ingested %d dataset(s) into %s: %d cells, %d genes (%d new)", len(sources), atlas_uri, datasets[-1]["obs_joinid_stop"], len(var), n_new)
+    logger.info(
+        "ingested %d dataset(s) into %s: %d cells, %d genes (%d new)",
+        len(sources),
+        atlas_uri,
+        datasets[-1]["obs_joinid_stop"],
+        len(var),
+        n_new,
+    )
     return {
         "atlas_uri": atlas_uri,
         "n_obs": int(datasets[-1]["obs_joinid_stop"]),
@@ -266,10 +311,18 @@ def _parse_fill(items: Sequence[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipelines.ingest", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="input files, one dataset each")
-    p.add_argument("--atlas", required=True, help="SOMA experiment: local path or s3:// URI (created if absent)")
-    p.add_argument("--dataset-id", action="append", dest="dataset_ids", help="dataset id per file (repeat, in order)")
-    p.add_argument("--label-column", action="append", dest="label_columns", help="obs label column (repeatable)")
-    p.add_argument("--fill", action="append", default=[], metavar="COL=VALUE", help="fill value for missing labels")
+    p.add_argument(
+        "--atlas", required=True, help="SOMA experiment: local path or s3:// URI (created if absent)"
+    )
+    p.add_argument(
+        "--dataset-id", action="append", dest="dataset_ids", help="dataset id per file (repeat, in order)"
+    )
+    p.add_argument(
+        "--label-column", action="append", dest="label_columns", help="obs label column (repeatable)"
+    )
+    p.add_argument(
+        "--fill", action="append", default=[], metavar="COL=VALUE", help="fill value for missing labels"
+    )
     p.add_argument("--chunk-rows", type=int, default=10_000, help="cells per chunk (default 10000)")
     p.add_argument("--s3-endpoint-url", default=None, help="endpoint override for s3:// atlases")
     return p
@@ -294,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for d in summary["datasets"]:
         print(f"{d['dataset_id']}: {d['n_cells']} cells, {d['n_genes']} genes ({d['source']})")
-    print(f"atlas {summary['atlas_uri']}: {summary['n_obs']} cells, {summary['n_vars']} genes ({summary['n_new_genes']} new)")
+    print(
+        f"atlas {summary['atlas_uri']}: {summary['n_obs']} cells, {summary['n_vars']} genes ({summary['n_new_genes']} new)"
+    )
     return 0
 
 
