@@ -1,0 +1,245 @@
+"""DeepSpeed ZeRO stage 0-3 engine. The only module of `distributed/` that imports deepspeed.
+
+Choices, and why:
+- The optimizer is a plain `torch.optim.AdamW` handed to DeepSpeed (FusedAdam / CPUAdam JIT-compile).
+- Gradient accumulation uses DeepSpeed's own counter (`gradient_accumulation_steps`) with the boundary set
+  explicitly from `no_sync()`, so ZeRO-2/3 partitioned reduction stays correct and `step()` runs once.
+- The LR scheduler is stepped here, not by DeepSpeed, so skipped steps advance it exactly as in FSDP2.
+- Skipping a step: the inner AdamW's `step` is gated off for one `engine.step()` call; DeepSpeed still
+  runs its bookkeeping (clip, zero_grad, counters) but weights and moments stay untouched.
+- Extra tensors (EMA) are consolidated to full fp32 and written by rank 0 as safetensors, so they load at
+  any world size even for ZeRO-3 partitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from scldm_scale.config.engine import EngineConfig
+from scldm_scale.distributed.engine import OptimizerFactory, SchedulerFactory, clean_name
+
+logger = logging.getLogger(__name__)
+
+DS_DIR = "deepspeed"
+"""Sub-directory of a checkpoint holding DeepSpeed's own files."""
+DS_TAG = "engine"
+"""DeepSpeed checkpoint tag (one per checkpoint directory)."""
+TENSORS_FILE = "tensors.safetensors"
+"""Consolidated extra tensors (EMA), written by rank 0."""
+
+
+def import_deepspeed():
+    """Import deepspeed with the CPU accelerator when there is no CUDA, and without the shm comm op."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # Otherwise a fresh machine JIT-compiles an op training never uses (~2 minutes on CPU).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def ds_config(cfg: EngineConfig, *, stage: int, grad_clip_norm: float, grad_accum_steps: int, precision: str) -> dict:
+    """The DeepSpeed JSON config our engine runs with (exposed for benchmarks and tests)."""
+    zero = {"stage": stage}
+    if stage > 0:
+        zero.update(
+            reduce_bucket_size=cfg.zero_bucket_size,
+            allgather_bucket_size=cfg.zero_bucket_size,
+            overlap_comm=cfg.zero_overlap_comm,
+            contiguous_gradients=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # only feeds DeepSpeed's sample counters
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """`TrainEngine` over DeepSpeed ZeRO `stage`. See `TrainEngine` for the contract."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        model: nn.Module,
+        *,
+        stage: int,
+        optimizer_factory: OptimizerFactory,
+        scheduler_factory: SchedulerFactory,
+        grad_clip_norm: float,
+        grad_accum_steps: int,
+        precision: str,
+        device: torch.device,
+        trainable: list[str],
+    ) -> None:
+        self._ds = import_deepspeed()
+        self.name = f"zero{stage}"
+        self.stage = stage
+        self.device = device
+        self.grad_clip_norm = grad_clip_norm
+        self.grad_accum_steps = grad_accum_steps
+        model = model.to(device)
+        wanted = set(trainable)
+        params = [p for n, p in model.named_parameters() if clean_name(n) in wanted]
+        basic = optimizer_factory(params)
+        self._skip = False
+        basic.step = self._gated(basic.step)
+        config = ds_config(
+            cfg, stage=stage, grad_clip_norm=grad_clip_norm, grad_accum_steps=grad_accum_steps, precision=precision
+        )
+        self.model, self.optimizer, _, _ = self._ds.initialize(model=model, optimizer=basic, config=config)
+        self.lr_scheduler = scheduler_factory(basic)
+        self._module = self.model.module
+        self._params = {clean_name(n): p for n, p in self._module.named_parameters() if clean_name(n) in wanted}
+        if precision == "bf16":
+            # Mirror FSDP2's cast_forward_inputs: floating inputs follow the bf16 parameters.
+            self._module.register_forward_pre_hook(_cast_inputs_bf16, with_kwargs=True)
+
+    def _gated(self, step):
+        @functools.wraps(step)
+        def gated_step(*args, **kwargs):
+            if self._skip:
+                return None
+            return step(*args, **kwargs)
+
+        return gated_step
+
+    @property
+    def lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.model.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.model.set_gradient_accumulation_boundary(True)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if max_norm != self.grad_clip_norm:
+            raise ValueError(f"DeepSpeed clips inside step() at {self.grad_clip_norm}; got max_norm={max_norm}")
+        from deepspeed.utils import safe_get_full_grad
+
+        # Reduced gradients live in DeepSpeed's buffers (ZeRO partitions, bf16 fp32 accumulators);
+        # safe_get_full_grad reads them per parameter (collective under ZeRO-1/2/3, same order on all ranks).
+        # TODO(engineer-dist): one fused norm per group instead of per-parameter gathers at scale.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self._params.values():
+            grad = safe_get_full_grad(p)
+            if grad is not None:
+                total += grad.detach().float().pow(2).sum()
+        return total.sqrt()
+
+    def step(self) -> None:
+        self.model.step()
+        self.lr_scheduler.step()
+
+    def skip_step(self) -> None:
+        self._skip = True
+        try:
+            self.model.step()
+        finally:
+            self._skip = False
+        self.lr_scheduler.step()
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def local_params(self) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            return {n: p.ds_tensor for n, p in self._params.items()}
+        return dict(self._params)
+
+    def gather_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.stage != 3:
+            return {n: t.detach().float().cpu() for n, t in tensors.items()}
+        out = {}
+        world = dist.get_world_size()
+        for name, shard in tensors.items():
+            p = self._params[name]
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            dist.all_gather(parts, shard.detach().contiguous())
+            out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).float().cpu()
+        return out
+
+    def _scatter_full(self, full: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors into `local_params`-shaped tensors (ZeRO-3: this rank's padded partition)."""
+        rank = dist.get_rank()
+        for name, target in into.items():
+            src = full[name].to(target.device, target.dtype)
+            if self.stage == 3:
+                n = target.numel()
+                flat = src.reshape(-1)[rank * n : (rank + 1) * n]
+                target.zero_()
+                target.view(-1)[: flat.numel()].copy_(flat)
+            else:
+                target.copy_(src.view_as(target))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self._module.named_parameters():
+            name = clean_name(name)
+            full = safe_get_full_fp32_param(p) if name in self._params else None
+            if full is None:
+                with self._ds.zero.GatheredParameters([p], enabled=self.stage == 3):
+                    full = p.detach().clone()
+            out[name] = full.float().cpu()
+        for name, buf in self._module.named_buffers():
+            out[clean_name(name)] = buf.detach().float().cpu()
+        return out
+
+    def save(self, path: Path, *, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.model.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, save_latest=False)
+        flat = {}
+        for key, group in tensors.items():
+            for name, t in self.gather_full(group).items():
+                flat[f"{key}/{name}"] = t.contiguous()
+        if dist.get_rank() == 0 and flat:
+            save_file(flat, str(path / TENSORS_FILE))
+
+    def load(self, path: Path, *, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        load_path, _ = self.model.load_checkpoint(
+            str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_DIR}")
+        if tensors:
+            flat = load_file(str(path / TENSORS_FILE))
+            for key, group in tensors.items():
+                self._scatter_full({n: flat[f"{key}/{n}"] for n in group}, group)
+
+
+def _cast_inputs_bf16(module: nn.Module, args, kwargs):
+    def cast(t):
+        return t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return tree_map(cast, args), tree_map(cast, kwargs)
