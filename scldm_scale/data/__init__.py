@@ -1,0 +1,68 @@
+"""Streaming SOMA loader for scLDM: global two-level shuffle, balanced ranks, bounded memory, exact elastic resume.
+
+Stages, from the atlas to a batch (cells are addressed by *position* = index into the sorted obs joinids that
+match `data.value_filter`):
+
+1. Chunks (`order.py`). Positions are cut into contiguous runs of `data.shuffle_chunk_cells`. Contiguous
+   reads are ~10x faster than random-id reads in TileDB-SOMA, so a chunk is the unit of IO. Larger chunks read
+   faster but mix datasets less (atlases store each dataset's cells together, as Census does).
+2. Blocks (`order.py`). The chunk list is permuted by (seed, epoch) and cut into blocks of
+   `data.shuffle_buffer_cells // data.shuffle_chunk_cells` chunks; each block's cells are permuted by
+   (seed, epoch, block). The epoch sequence is the blocks one after another: a pure function of (seed, epoch)
+   and the data, independent of world size and workers. A block is the shuffle buffer: a batch draws cells
+   from all its chunks, so larger blocks give better-mixed batches for more memory. `shuffle=False` makes
+   one chunk per block, unpermuted: a sequential scan.
+3. Partition (`order.py`). The epoch left to read is a list of pieces (block, start, end). It is cut into one
+   contiguous range per rank, each the same number of batches (`data.remainder`: "pad" repeats a rank's first
+   cells, flagged `is_padding`; "drop" leaves at most world_size * micro_batch_size - 1 cells unread), then
+   per DataLoader worker (rank batch j comes from worker j % num_workers, the DataLoader's round robin).
+   Ranges are disjoint; a block straddling two ranges is read by both (a bounded overlap of one block each).
+4. Units and prefetch (`dataset.py`, `reader.py`). A worker reads its pieces block by block in a background
+   thread, at most two blocks in flight (the one batched, the one read). A block larger than the worker's
+   share of `data.memory_budget_mb` is read in parts, so memory stays bounded whatever the number of workers
+   (at the price of re-reading that block's chunks). Reads are per chunk, as one slice when the wanted cells
+   are dense in it (cells of other splits filtered out) and as points otherwise, decoded with vectorised numpy
+   into a token CSR (genes outside the vocabulary dropped, library size summed).
+5. Batches (`collate.py`). Consecutive cells of the stream become a batch dict (DEVELOPERS.md contract):
+   tokens padded to the batch's longest cell, with a mask; `data.max_tokens_per_cell` subsamples longer
+   cells by a hash of (seed, joinid, gene), so the choice does not depend on the layout.
+
+Resume (`loader.py`): ranks yield batches in lockstep, so after k batches the cells consumed by every rank
+and worker are known; `SomaLoader.state_dict()` stores the pieces left (plain JSON). `load_state_dict()`
+re-partitions exactly those cells over the new world size and workers: nothing lost, nothing repeated.
+"""
+
+from scldm_scale.data.collate import collate_rows
+from scldm_scale.data.context import make_soma_context
+from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
+from scldm_scale.data.loader import (
+    SomaLoader,
+    build_gene_vocab,
+    build_label_vocabs,
+    build_loader,
+    open_experiment,
+)
+from scldm_scale.data.order import EpochOrder
+from scldm_scale.data.reader import CellBlock, read_block
+from scldm_scale.data.stats import library_size_stats
+from scldm_scale.data.vocab import PAD_TOKEN, UNKNOWN_LABEL, GeneVocab, LabelVocab
+
+__all__ = [
+    "PAD_TOKEN",
+    "UNKNOWN_LABEL",
+    "CellBlock",
+    "EpochOrder",
+    "GeneVocab",
+    "LabelVocab",
+    "LoaderSpec",
+    "SomaCellDataset",
+    "SomaLoader",
+    "build_gene_vocab",
+    "build_label_vocabs",
+    "build_loader",
+    "collate_rows",
+    "library_size_stats",
+    "make_soma_context",
+    "open_experiment",
+    "read_block",
+]

@@ -1,0 +1,98 @@
+"""Turn rows of CellBlocks into one batch dict (the batch contract of DEVELOPERS.md), vectorised.
+
+Keys: gene_ids, counts, mask, library_size, labels, soma_joinid, truncated, plus `is_padding` (True for cells
+repeated to give every rank the same number of batches; a trainer may weight them 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scldm_scale.data.reader import CellBlock
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap vectorised hash (uint64 arithmetic wraps on purpose)."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _cap_tokens(row_id, tokens, counts, lengths, joinids, max_tokens, cap_seed):
+    """Keep `max_tokens` genes of each longer cell, chosen by a hash of (seed, joinid, token).
+
+    The choice depends on the cell and the seed only, so it is the same whichever rank or worker reads it.
+    """
+    key = _mix(_mix(np.full(len(tokens), cap_seed, np.uint64) ^ joinids[row_id].astype(np.uint64))
+               ^ tokens.astype(np.uint64))
+    order = np.lexsort((key, row_id))
+    row_id, tokens, counts = row_id[order], tokens[order], counts[order]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rank_in_row = np.arange(len(tokens)) - np.repeat(starts, lengths)
+    keep = rank_in_row < max_tokens
+    return row_id[keep], tokens[keep], counts[keep], np.minimum(lengths, max_tokens)
+
+
+def collate_rows(
+    parts: list[tuple[CellBlock, np.ndarray]],
+    labels: np.ndarray,
+    is_padding: np.ndarray,
+    *,
+    max_tokens_per_cell: int | None = None,
+    cap_seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Batch of the cells `rows` of each block (in order), padded to the longest cell.
+
+    Args:
+        parts: (block, row indices into the block) pairs; a batch may straddle two blocks.
+        labels: int64 (B, K) label ids of the batch's cells.
+        is_padding: bool (B,) cells repeated to balance ranks.
+        max_tokens_per_cell: cap on tokens; longer cells are subsampled and flagged `truncated`.
+        cap_seed: seed of the subsampling.
+    """
+    lengths_l, tok_l, cnt_l, jid_l, lib_l = [], [], [], [], []
+    for block, rows in parts:
+        starts = block.indptr[rows]
+        lengths = block.indptr[rows + 1] - starts
+        base = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        offs = np.repeat(starts - base, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+        lengths_l.append(lengths)
+        tok_l.append(block.tokens[offs])
+        cnt_l.append(block.counts[offs])
+        jid_l.append(block.joinids[rows])
+        lib_l.append(block.library_size[rows])
+    lengths = np.concatenate(lengths_l)
+    tokens = np.concatenate(tok_l)
+    counts = np.concatenate(cnt_l)
+    joinids = np.concatenate(jid_l)
+    n = len(lengths)
+    row_id = np.repeat(np.arange(n), lengths)
+    truncated = np.zeros(n, dtype=bool)
+    if max_tokens_per_cell is not None and n and lengths.max() > max_tokens_per_cell:
+        truncated = lengths > max_tokens_per_cell
+        row_id, tokens, counts, lengths = _cap_tokens(row_id, tokens, counts, lengths, joinids,
+                                                      max_tokens_per_cell, cap_seed)
+    width = max(1, int(lengths.max()) if n else 1)
+    col = np.arange(len(tokens)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    gene_ids = np.zeros((n, width), np.int64)
+    counts_bt = np.zeros((n, width), np.float32)
+    gene_ids[row_id, col] = tokens
+    counts_bt[row_id, col] = counts
+    return {
+        "gene_ids": torch.from_numpy(gene_ids),
+        "counts": torch.from_numpy(counts_bt),
+        "mask": torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]),
+        "library_size": torch.from_numpy(np.concatenate(lib_l).astype(np.float32)),
+        "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+        "soma_joinid": torch.from_numpy(joinids.astype(np.int64)),
+        "truncated": torch.from_numpy(truncated),
+        "is_padding": torch.from_numpy(np.asarray(is_padding, dtype=bool)),
+    }

@@ -1,0 +1,317 @@
+"""`build_loader(cfg, ...)` -> `SomaLoader`: opens and checks the atlas, builds vocabularies, owns epochs and
+the exact, elastic resume state. The trainer talks only to this module's public names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tiledbsoma
+import torch
+from torch.utils.data import DataLoader
+
+from scldm_scale.config.data import DEMO_ATLAS, SomaDataConfig
+from scldm_scale.data.context import make_soma_context
+from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
+from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
+from scldm_scale.data.reader import BYTES_PER_NNZ
+from scldm_scale.data.vocab import GeneVocab, LabelVocab
+from scldm_scale.utils.env import get_rank, get_world_size
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_FROM_CONFIG: Any = object()
+
+
+def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledbsoma.Experiment:
+    """Open the atlas and check it: measurement, X layer (sparse), var `feature_id`, obs label columns.
+
+    Raises:
+        ValueError: listing every problem found.
+    """
+    uri = atlas_uri or cfg.atlas_uri
+    if uri == DEMO_ATLAS:
+        raise ValueError(
+            "data.atlas_uri='demo' must be resolved to a path first (data_pipelines.demo.ensure_demo_atlas)"
+        )
+    ctx = make_soma_context(uri, cfg.s3_endpoint_url)
+    try:
+        exp = tiledbsoma.Experiment.open(uri, context=ctx)
+    except Exception as exc:
+        raise ValueError(f"data.atlas_uri={uri!r} is not a readable SOMA Experiment: {exc}") from exc
+    problems = []
+    if cfg.measurement_name not in exp.ms:
+        problems.append(f"data.measurement_name={cfg.measurement_name!r} not in the atlas ({sorted(exp.ms.keys())})")
+    else:
+        ms = exp.ms[cfg.measurement_name]
+        if "X" not in ms or cfg.layer_name not in ms.X:
+            layers = sorted(ms.X.keys()) if "X" in ms else []
+            problems.append(f"data.layer_name={cfg.layer_name!r} not among X layers {layers}")
+        elif not isinstance(ms.X[cfg.layer_name], tiledbsoma.SparseNDArray):
+            problems.append(f"data.layer_name={cfg.layer_name!r} is not a sparse X layer")
+        if "feature_id" not in ms.var.schema.names:
+            problems.append("the atlas var has no `feature_id` column (the gene key)")
+    obs_cols = exp.obs.schema.names
+    missing = [c for c in cfg.label_columns if c not in obs_cols]
+    if missing:
+        problems.append(f"data.label_columns {missing} not in obs columns {obs_cols}")
+    if problems:
+        exp.close()
+        raise ValueError("atlas check failed:\n  " + "\n  ".join(problems))
+    return exp
+
+
+def _read_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig):
+    var = exp.ms[cfg.measurement_name].var
+    cols = [c for c in ("soma_joinid", "feature_id", "feature_name", "n_cells") if c in var.schema.names]
+    return var.read(column_names=cols).concat().to_pandas()
+
+
+def build_gene_vocab(cfg: SomaDataConfig, *, atlas_uri: str | None = None) -> GeneVocab:
+    """Gene vocabulary of the atlas var (var order), keeping genes with `n_cells >= data.min_gene_cells`."""
+    with open_experiment(cfg, atlas_uri) as exp:
+        var = _read_var(exp, cfg)
+    return GeneVocab.from_var(
+        var["feature_id"].tolist(),
+        feature_names=var["feature_name"].tolist() if "feature_name" in var else None,
+        n_cells=var["n_cells"].to_numpy() if "n_cells" in var else None,
+        min_gene_cells=cfg.min_gene_cells,
+    )
+
+
+def build_label_vocabs(cfg: SomaDataConfig, *, atlas_uri: str | None = None,
+                       value_filter: str | None = _FROM_CONFIG) -> dict[str, LabelVocab]:
+    """One LabelVocab per `data.label_columns`, categories from obs of the (training) filter, sorted."""
+    vf = cfg.value_filter if value_filter is _FROM_CONFIG else value_filter
+    if not cfg.label_columns:
+        return {}
+    with open_experiment(cfg, atlas_uri) as exp:
+        obs = exp.obs.read(value_filter=vf, column_names=list(cfg.label_columns)).concat()
+    return {c: LabelVocab.from_values(c, obs.column(c)) for c in cfg.label_columns}
+
+
+class SomaLoader:
+    """Batches of one rank for one epoch at a time, with an exact, world-size independent state.
+
+    Iterate it once per epoch. `state_dict()` after k yielded batches records the cells every rank has
+    consumed (ranks run in lockstep), as the pieces of the epoch left; `load_state_dict()` then yields exactly
+    those cells, at any world size and number of workers. A finished epoch moves to the next on the next
+    iteration; `set_epoch(e)` jumps to epoch e (a no-op when e is the epoch in progress, so a resumed epoch
+    survives the trainer's usual `set_epoch` call).
+    """
+
+    def __init__(self, dataset: SomaCellDataset, *, num_workers: int, gene_vocab: GeneVocab,
+                 label_vocabs: dict[str, LabelVocab], fingerprint: dict[str, Any], epoch: int = 0,
+                 seed_was_given: bool = True, multiprocessing_context: str | None = None) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.gene_vocab = gene_vocab
+        self.label_vocabs = label_vocabs
+        self._fingerprint = fingerprint
+        self._seed_was_given = seed_was_given
+        self._mp_context = multiprocessing_context
+        self._epoch = epoch
+        self._pieces: list[Piece] = dataset.order(epoch).fresh_pieces()
+        self._consumed = 0
+        self._complete = False
+
+    # -- sizes -----------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def num_cells(self) -> int:
+        """Cells matching the filter (one epoch)."""
+        return len(self.dataset.spec.obs_joinids)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per rank in a whole epoch at this world size."""
+        s = self.dataset.spec
+        return rank_num_batches(self.num_cells, world_size=s.world_size, batch_size=s.batch_size,
+                                remainder=s.remainder)
+
+    def __len__(self) -> int:
+        """Batches the current (possibly resumed) pass yields in all."""
+        s = self.dataset.spec
+        total = sum(e - b for _, b, e in self._pieces)
+        return rank_num_batches(total, world_size=s.world_size, batch_size=s.batch_size, remainder=s.remainder)
+
+    # -- epochs and iteration --------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning, unless it is the epoch in progress."""
+        if epoch == self._epoch and not self._complete:
+            return
+        self._epoch, self._complete = epoch, False
+        self._pieces, self._consumed = self.dataset.order(epoch).fresh_pieces(), 0
+
+    def _left(self) -> list[Piece]:
+        s = self.dataset.spec
+        total = sum(e - b for _, b, e in self._pieces)
+        used = consumed_ranges(total, self._consumed, world_size=s.world_size, num_workers=s.num_workers,
+                               batch_size=s.batch_size, remainder=s.remainder)
+        return remaining(self._pieces, used)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._complete:
+            self.set_epoch(self._epoch + 1)
+        # A pass interrupted earlier continues where it stopped: re-plan the pieces left.
+        self._pieces, self._consumed = self._left(), 0
+        self.dataset.set_work(self._epoch, self._pieces)
+        expected = len(self)
+        if self.num_workers > 0:
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                multiprocessing_context=self._mp_context, prefetch_factor=1)
+        else:
+            source = self.dataset
+        for batch in source:
+            self._consumed += 1
+            if self._consumed == expected:
+                self._complete = True
+            yield batch
+        if self._consumed != expected:
+            raise RuntimeError(f"loader yielded {self._consumed} batches, expected {expected}")
+        self._complete = True
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain python (JSON-able) state: the same on every rank."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "complete": self._complete,
+            "pieces": [list(p) for p in self._left()],
+            "cells_consumed_in_epoch": self.num_cells - sum(e - b for _, b, e in self._left()),
+            "fingerprint": dict(self._fingerprint),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the epoch recorded in `state` (from any world size / number of workers)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        mine, theirs = dict(self._fingerprint), dict(state["fingerprint"])
+        if not self._seed_was_given:  # a random seed was drawn: adopt the checkpoint's
+            mine["seed"] = theirs.get("seed")
+            spec = self.dataset.spec
+            self.dataset.spec = LoaderSpec(**{**spec.__dict__, "seed": int(theirs["seed"])})
+            self._fingerprint = mine
+        bad = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if bad:
+            raise ValueError(f"loader state does not match this data / config (saved, now): {bad}")
+        self._epoch = int(state["epoch"])
+        self._complete = bool(state["complete"])
+        self._pieces = [tuple(int(v) for v in p) for p in state["pieces"]]
+        self._consumed = 0
+
+
+def _resolve_seed(cfg: SomaDataConfig, seed: int | None, world_size: int) -> tuple[int, bool]:
+    chosen = cfg.seed if cfg.seed is not None else seed
+    if chosen is not None:
+        return int(chosen), True
+    if cfg.shuffle and world_size > 1:
+        raise ValueError("data.seed must be set when shuffling on more than one rank (ranks must agree)")
+    drawn = int(np.random.SeedSequence().entropy % 2**31)
+    logger.info("data.seed is unset: drew shuffle seed %d", drawn)
+    return drawn, False
+
+
+def build_loader(
+    cfg: SomaDataConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    gene_vocab: GeneVocab | None = None,
+    label_vocabs: dict[str, LabelVocab] | None = None,
+    value_filter: str | None = _FROM_CONFIG,
+    atlas_uri: str | None = None,
+    seed: int | None = None,
+    epoch: int = 0,
+    shuffle: bool | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    multiprocessing_context: str | None = None,
+) -> SomaLoader:
+    """Open the atlas, check it, select the cells and return this rank's `SomaLoader`.
+
+    Args:
+        cfg: the data section.
+        rank, world_size: default to `scldm_scale.utils.env` (never torch.distributed).
+        gene_vocab: a checkpoint's vocabulary; None builds it from the atlas var (`build_gene_vocab`).
+        label_vocabs: the training label vocabularies; None builds them from obs of this filter.
+        value_filter: obs filter; default `data.value_filter` (pass `cfg.val_value_filter` for validation).
+        atlas_uri: overrides `data.atlas_uri` (e.g. the resolved demo atlas path).
+        seed: used when `data.seed` is unset (e.g. the training seed).
+        shuffle, batch_size, num_workers: override the config (e.g. an unshuffled validation loader).
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    vf = cfg.value_filter if value_filter is _FROM_CONFIG else value_filter
+    shuffle = cfg.shuffle if shuffle is None else shuffle
+    batch_size = cfg.micro_batch_size if batch_size is None else batch_size
+    num_workers = cfg.num_workers if num_workers is None else num_workers
+    seed_value, seed_given = _resolve_seed(cfg, seed, world_size) if shuffle else (0, True)
+    uri = atlas_uri or cfg.atlas_uri
+    with open_experiment(cfg, uri) as exp:
+        var = _read_var(exp, cfg)
+        if gene_vocab is None:
+            gene_vocab = GeneVocab.from_var(
+                var["feature_id"].tolist(),
+                feature_names=var["feature_name"].tolist() if "feature_name" in var else None,
+                n_cells=var["n_cells"].to_numpy() if "n_cells" in var else None,
+                min_gene_cells=cfg.min_gene_cells,
+            )
+        var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
+        if not (var_to_token > 0).any():
+            raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
+        obs = exp.obs.read(value_filter=vf, column_names=["soma_joinid", *cfg.label_columns]).concat()
+        X = exp.ms[cfg.measurement_name].X[cfg.layer_name]
+        nnz_per_cell = X.nnz / max(1, X.shape[0])
+    order = np.argsort(obs.column("soma_joinid").to_numpy(), kind="stable")
+    obs = obs.take(order)
+    obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
+    if label_vocabs is None:
+        label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in cfg.label_columns}
+    labels = np.zeros((len(obs_joinids), len(cfg.label_columns)), np.int64)
+    for j, c in enumerate(cfg.label_columns):
+        labels[:, j], unknown = label_vocabs[c].encode(obs.column(c))
+        if unknown:
+            logger.info("label column %r: %d cells with unknown / null category -> id 0", c, unknown)
+    if len(obs_joinids) == 0:
+        logger.warning("value_filter %r selects no cells of %s", vf, uri)
+    block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
+    bytes_per_cell = max(1.0, nnz_per_cell) * BYTES_PER_NNZ + 64
+    budget = cfg.memory_budget_mb * 2**20
+    unit_cells = max(batch_size, int(budget / (max(1, num_workers) * 2 * bytes_per_cell)))
+    spec = LoaderSpec(
+        uri=uri, s3_endpoint_url=cfg.s3_endpoint_url, measurement_name=cfg.measurement_name,
+        layer_name=cfg.layer_name, obs_joinids=obs_joinids, labels=labels, var_to_token=var_to_token,
+        batch_size=batch_size, chunk_cells=cfg.shuffle_chunk_cells, block_chunks=block_chunks,
+        shuffle=shuffle, seed=seed_value, remainder=cfg.remainder,
+        max_tokens_per_cell=cfg.max_tokens_per_cell, unit_cells=unit_cells, rank=rank,
+        world_size=world_size, num_workers=num_workers,
+    )
+    fingerprint = {
+        "n_cells": len(obs_joinids),
+        "obs_joinids_sha1": hashlib.sha1(obs_joinids.tobytes()).hexdigest()[:16],
+        "chunk_cells": cfg.shuffle_chunk_cells,
+        "block_chunks": block_chunks,
+        "shuffle": shuffle,
+        "seed": seed_value,
+    }
+    logger.info(
+        "loader rank %d/%d: %d cells, %d genes, %d batches/epoch of %d, blocks of %d chunks x %d cells, "
+        "unit <= %d cells", rank, world_size, len(obs_joinids), gene_vocab.num_genes,
+        rank_num_batches(len(obs_joinids), world_size=world_size, batch_size=batch_size, remainder=cfg.remainder),
+        batch_size, block_chunks, cfg.shuffle_chunk_cells, unit_cells,
+    )
+    return SomaLoader(SomaCellDataset(spec), num_workers=num_workers, gene_vocab=gene_vocab,
+                      label_vocabs=label_vocabs, fingerprint=fingerprint, epoch=epoch,
+                      seed_was_given=seed_given, multiprocessing_context=multiprocessing_context)
