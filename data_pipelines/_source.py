@@ -165,19 +165,17 @@ def _labels(
 
 
 def _first_bad(
-    name: str,
-    src_cells: np.ndarray,
-    genes: np.ndarray,
-    chunk: sp.csr_matrix,
-    start: int,
-    bad: np.ndarray,
-    what: str,
+    src: Source, cells: np.ndarray, chunk: sp.csr_matrix, start: int, bad: np.ndarray, what: str
 ) -> IngestError:
     k = int(np.flatnonzero(bad)[0])
     row = int(np.searchsorted(chunk.indptr, k, side="right") - 1)
-    cell, gene = src_cells[start + row], genes[int(chunk.indices[k])]
+    col = int(chunk.indices[k])
+    gene = repr(src.feature_ids[col])
+    if src.feature_names[col] != src.feature_ids[col]:
+        gene += f" ({src.feature_names[col]})"
     return IngestError(
-        f"{name}: X has {what}: value {chunk.data[k]!r} at cell {cell!r} (row {start + row}), gene {gene!r}"
+        f"{src.name}: X has {what}: value {chunk.data[k].item()!r} at cell {cells[start + row]!r} "
+        f"(row {start + row}), gene {gene}; {int(bad.sum())} such value(s) in rows {start}-{start + chunk.shape[0] - 1}"
     )
 
 
@@ -213,7 +211,7 @@ def _check_counts(src: Source, chunk_rows: int) -> None:
             checks = []
         for bad, what in checks:
             if bad.any():
-                raise _first_bad(src.name, cells, src.feature_ids, chunk, start, bad, what)
+                raise _first_bad(src, cells, chunk, start, bad, what)
         if not warned and data.size and data.max() > FLOAT32_EXACT_MAX:
             logger.warning("%s: counts above 2**24 are rounded by the float32 X layer", src.name)
             warned = True
