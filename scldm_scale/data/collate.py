@@ -31,8 +31,10 @@ def _cap_tokens(row_id, tokens, counts, lengths, joinids, max_tokens, cap_seed):
 
     The choice depends on the cell and the seed only, so it is the same whichever rank or worker reads it.
     """
-    key = _mix(_mix(np.full(len(tokens), cap_seed, np.uint64) ^ joinids[row_id].astype(np.uint64))
-               ^ tokens.astype(np.uint64))
+    key = _mix(
+        _mix(np.full(len(tokens), cap_seed, np.uint64) ^ joinids[row_id].astype(np.uint64))
+        ^ tokens.astype(np.uint64)
+    )
     order = np.lexsort((key, row_id))
     row_id, tokens, counts = row_id[order], tokens[order], counts[order]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -78,8 +80,9 @@ def collate_rows(
     truncated = np.zeros(n, dtype=bool)
     if max_tokens_per_cell is not None and n and lengths.max() > max_tokens_per_cell:
         truncated = lengths > max_tokens_per_cell
-        row_id, tokens, counts, lengths = _cap_tokens(row_id, tokens, counts, lengths, joinids,
-                                                      max_tokens_per_cell, cap_seed)
+        row_id, tokens, counts, lengths = _cap_tokens(
+            row_id, tokens, counts, lengths, joinids, max_tokens_per_cell, cap_seed
+        )
     width = max(1, int(lengths.max()) if n else 1)
     col = np.arange(len(tokens)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
     gene_ids = np.zeros((n, width), np.int64)

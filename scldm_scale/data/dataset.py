@@ -91,8 +91,13 @@ class SomaCellDataset(IterableDataset):
 
     def slot(self, worker: int) -> Slot:
         s = self.spec
-        rows = layout(self.total, world_size=s.world_size, num_workers=s.num_workers,
-                      batch_size=s.batch_size, remainder=s.remainder)
+        rows = layout(
+            self.total,
+            world_size=s.world_size,
+            num_workers=s.num_workers,
+            batch_size=s.batch_size,
+            remainder=s.remainder,
+        )
         return rows[s.rank][worker]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -127,7 +132,9 @@ class SomaCellDataset(IterableDataset):
             for positions in positions_l:
                 yield positions, is_pad
 
-    def _read_units(self, slot: Slot, out: queue.Queue, stop: threading.Event, room: threading.Semaphore) -> None:
+    def _read_units(
+        self, slot: Slot, out: queue.Queue, stop: threading.Event, room: threading.Semaphore
+    ) -> None:
         """Prefetch thread: read each unit, holding at most UNITS_IN_FLIGHT units (`room`)."""
         s = self.spec
         try:
@@ -154,8 +161,12 @@ class SomaCellDataset(IterableDataset):
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
         room = threading.Semaphore(UNITS_IN_FLIGHT)
-        thread = threading.Thread(target=self._read_units, args=(slot, out, stop, room), daemon=True,
-                                  name=f"soma-prefetch-r{s.rank}")
+        thread = threading.Thread(
+            target=self._read_units,
+            args=(slot, out, stop, room),
+            daemon=True,
+            name=f"soma-prefetch-r{s.rank}",
+        )
         thread.start()
         cap_seed = int(_mix(np.array([s.seed * 1_000_003 + self.epoch], np.uint64))[0])
         pending: list[tuple[_Unit, int, int]] = []  # (unit, start, stop) parts of the next batch
@@ -190,8 +201,13 @@ class SomaCellDataset(IterableDataset):
         positions = np.concatenate([u.positions[a:b] for u, a, b in pending])
         is_pad = np.concatenate([np.full(b - a, u.is_padding) for u, a, b in pending])
         parts = [(u.block, u.rows[a:b]) for u, a, b in pending]
-        return collate_rows(parts, self.spec.labels[positions], is_pad,
-                            max_tokens_per_cell=self.spec.max_tokens_per_cell, cap_seed=cap_seed)
+        return collate_rows(
+            parts,
+            self.spec.labels[positions],
+            is_pad,
+            max_tokens_per_cell=self.spec.max_tokens_per_cell,
+            cap_seed=cap_seed,
+        )
 
 
 class _open_x:
@@ -220,5 +236,6 @@ def _warn_split(piece_cells: int, unit_cells: int) -> None:
         logger.warning(
             "a shuffle block of %d cells exceeds the %d cells one worker may hold under data.memory_budget_mb; "
             "it is read in parts (more IO). Lower data.shuffle_buffer_cells or data.num_workers, or raise the budget",
-            piece_cells, unit_cells,
+            piece_cells,
+            unit_cells,
         )

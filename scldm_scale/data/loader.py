@@ -46,7 +46,9 @@ def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledb
         raise ValueError(f"data.atlas_uri={uri!r} is not a readable SOMA Experiment: {exc}") from exc
     problems = []
     if cfg.measurement_name not in exp.ms:
-        problems.append(f"data.measurement_name={cfg.measurement_name!r} not in the atlas ({sorted(exp.ms.keys())})")
+        problems.append(
+            f"data.measurement_name={cfg.measurement_name!r} not in the atlas ({sorted(exp.ms.keys())})"
+        )
     else:
         ms = exp.ms[cfg.measurement_name]
         if "X" not in ms or cfg.layer_name not in ms.X:
@@ -84,8 +86,9 @@ def build_gene_vocab(cfg: SomaDataConfig, *, atlas_uri: str | None = None) -> Ge
     )
 
 
-def build_label_vocabs(cfg: SomaDataConfig, *, atlas_uri: str | None = None,
-                       value_filter: str | None = _FROM_CONFIG) -> dict[str, LabelVocab]:
+def build_label_vocabs(
+    cfg: SomaDataConfig, *, atlas_uri: str | None = None, value_filter: str | None = _FROM_CONFIG
+) -> dict[str, LabelVocab]:
     """One LabelVocab per `data.label_columns`, categories from obs of the (training) filter, sorted."""
     vf = cfg.value_filter if value_filter is _FROM_CONFIG else value_filter
     if not cfg.label_columns:
@@ -105,9 +108,18 @@ class SomaLoader:
     survives the trainer's usual `set_epoch` call).
     """
 
-    def __init__(self, dataset: SomaCellDataset, *, num_workers: int, gene_vocab: GeneVocab,
-                 label_vocabs: dict[str, LabelVocab], fingerprint: dict[str, Any], epoch: int = 0,
-                 seed_was_given: bool = True, multiprocessing_context: str | None = None) -> None:
+    def __init__(
+        self,
+        dataset: SomaCellDataset,
+        *,
+        num_workers: int,
+        gene_vocab: GeneVocab,
+        label_vocabs: dict[str, LabelVocab],
+        fingerprint: dict[str, Any],
+        epoch: int = 0,
+        seed_was_given: bool = True,
+        multiprocessing_context: str | None = None,
+    ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.gene_vocab = gene_vocab
@@ -134,14 +146,17 @@ class SomaLoader:
     def num_batches(self) -> int:
         """Batches per rank in a whole epoch at this world size."""
         s = self.dataset.spec
-        return rank_num_batches(self.num_cells, world_size=s.world_size, batch_size=s.batch_size,
-                                remainder=s.remainder)
+        return rank_num_batches(
+            self.num_cells, world_size=s.world_size, batch_size=s.batch_size, remainder=s.remainder
+        )
 
     def __len__(self) -> int:
         """Batches the current (possibly resumed) pass yields in all."""
         s = self.dataset.spec
         total = sum(e - b for _, b, e in self._pieces)
-        return rank_num_batches(total, world_size=s.world_size, batch_size=s.batch_size, remainder=s.remainder)
+        return rank_num_batches(
+            total, world_size=s.world_size, batch_size=s.batch_size, remainder=s.remainder
+        )
 
     # -- epochs and iteration --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -154,8 +169,14 @@ class SomaLoader:
     def _left(self) -> list[Piece]:
         s = self.dataset.spec
         total = sum(e - b for _, b, e in self._pieces)
-        used = consumed_ranges(total, self._consumed, world_size=s.world_size, num_workers=s.num_workers,
-                               batch_size=s.batch_size, remainder=s.remainder)
+        used = consumed_ranges(
+            total,
+            self._consumed,
+            world_size=s.world_size,
+            num_workers=s.num_workers,
+            batch_size=s.batch_size,
+            remainder=s.remainder,
+        )
         return remaining(self._pieces, used)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -166,8 +187,13 @@ class SomaLoader:
         self.dataset.set_work(self._epoch, self._pieces)
         expected = len(self)
         if self.num_workers > 0:
-            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                multiprocessing_context=self._mp_context, prefetch_factor=1)
+            source = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                multiprocessing_context=self._mp_context,
+                prefetch_factor=1,
+            )
         else:
             source = self.dataset
         for batch in source:
@@ -291,12 +317,24 @@ def build_loader(
     budget = cfg.memory_budget_mb * 2**20
     unit_cells = max(batch_size, int(budget / (max(1, num_workers) * 2 * bytes_per_cell)))
     spec = LoaderSpec(
-        uri=uri, s3_endpoint_url=cfg.s3_endpoint_url, measurement_name=cfg.measurement_name,
-        layer_name=cfg.layer_name, obs_joinids=obs_joinids, labels=labels, var_to_token=var_to_token,
-        batch_size=batch_size, chunk_cells=cfg.shuffle_chunk_cells, block_chunks=block_chunks,
-        shuffle=shuffle, seed=seed_value, remainder=cfg.remainder,
-        max_tokens_per_cell=cfg.max_tokens_per_cell, unit_cells=unit_cells, rank=rank,
-        world_size=world_size, num_workers=num_workers,
+        uri=uri,
+        s3_endpoint_url=cfg.s3_endpoint_url,
+        measurement_name=cfg.measurement_name,
+        layer_name=cfg.layer_name,
+        obs_joinids=obs_joinids,
+        labels=labels,
+        var_to_token=var_to_token,
+        batch_size=batch_size,
+        chunk_cells=cfg.shuffle_chunk_cells,
+        block_chunks=block_chunks,
+        shuffle=shuffle,
+        seed=seed_value,
+        remainder=cfg.remainder,
+        max_tokens_per_cell=cfg.max_tokens_per_cell,
+        unit_cells=unit_cells,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
     )
     fingerprint = {
         "n_cells": len(obs_joinids),
@@ -308,10 +346,26 @@ def build_loader(
     }
     logger.info(
         "loader rank %d/%d: %d cells, %d genes, %d batches/epoch of %d, blocks of %d chunks x %d cells, "
-        "unit <= %d cells", rank, world_size, len(obs_joinids), gene_vocab.num_genes,
-        rank_num_batches(len(obs_joinids), world_size=world_size, batch_size=batch_size, remainder=cfg.remainder),
-        batch_size, block_chunks, cfg.shuffle_chunk_cells, unit_cells,
+        "unit <= %d cells",
+        rank,
+        world_size,
+        len(obs_joinids),
+        gene_vocab.num_genes,
+        rank_num_batches(
+            len(obs_joinids), world_size=world_size, batch_size=batch_size, remainder=cfg.remainder
+        ),
+        batch_size,
+        block_chunks,
+        cfg.shuffle_chunk_cells,
+        unit_cells,
     )
-    return SomaLoader(SomaCellDataset(spec), num_workers=num_workers, gene_vocab=gene_vocab,
-                      label_vocabs=label_vocabs, fingerprint=fingerprint, epoch=epoch,
-                      seed_was_given=seed_given, multiprocessing_context=multiprocessing_context)
+    return SomaLoader(
+        SomaCellDataset(spec),
+        num_workers=num_workers,
+        gene_vocab=gene_vocab,
+        label_vocabs=label_vocabs,
+        fingerprint=fingerprint,
+        epoch=epoch,
+        seed_was_given=seed_given,
+        multiprocessing_context=multiprocessing_context,
+    )

@@ -60,15 +60,24 @@ class EpochOrder:
 
     def block_len(self, block: int, chunk_order: np.ndarray | None = None) -> int:
         chunks = self.block_chunk_ids(block, chunk_order)
-        return int(np.minimum(chunks * self.chunk_cells + self.chunk_cells, self.n_cells).sum()
-                   - (chunks * self.chunk_cells).sum())
+        return int(
+            np.minimum(chunks * self.chunk_cells + self.chunk_cells, self.n_cells).sum()
+            - (chunks * self.chunk_cells).sum()
+        )
 
     def block_positions(self, block: int, chunk_order: np.ndarray | None = None) -> np.ndarray:
         """Positions of the block's cells in their permuted order (second shuffle level)."""
         chunks = self.block_chunk_ids(block, chunk_order)
-        pos = np.concatenate(
-            [np.arange(c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)) for c in chunks]
-        ) if len(chunks) else np.zeros(0, np.int64)
+        pos = (
+            np.concatenate(
+                [
+                    np.arange(c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells))
+                    for c in chunks
+                ]
+            )
+            if len(chunks)
+            else np.zeros(0, np.int64)
+        )
         if self.shuffle:
             pos = pos[_rng(self.seed, self.epoch, 1, block).permutation(len(pos))]
         return pos.astype(np.int64)
@@ -103,7 +112,9 @@ def rank_num_batches(total: int, *, world_size: int, batch_size: int, remainder:
     return -(-total // (world_size * batch_size))
 
 
-def layout(total: int, *, world_size: int, num_workers: int, batch_size: int, remainder: str) -> list[list[Slot]]:
+def layout(
+    total: int, *, world_size: int, num_workers: int, batch_size: int, remainder: str
+) -> list[list[Slot]]:
     """Slots[rank][worker] for `total` cells of work; every rank gets the same number of batches.
 
     "pad": ranks get total // W cells (+1 for the first total % W) and fill their last batch by repeating their
@@ -190,8 +201,9 @@ def consumed_ranges(
 ) -> list[tuple[int, int]]:
     """Work offset ranges consumed by every rank after each yielded `rank_batches` batches (lockstep)."""
     out = []
-    for row in layout(total, world_size=world_size, num_workers=num_workers, batch_size=batch_size,
-                      remainder=remainder):
+    for row in layout(
+        total, world_size=world_size, num_workers=num_workers, batch_size=batch_size, remainder=remainder
+    ):
         for w, slot in enumerate(row):
             k = worker_batches_consumed(rank_batches, worker=w, num_workers=num_workers)
             out.append((slot.start, min(k * batch_size, slot.real)))

@@ -48,8 +48,9 @@ def _decode(table, row_joinids: np.ndarray, var_to_token: np.ndarray, exact: boo
     return row[keep], tok[keep], val[keep]
 
 
-def read_block(X: tiledbsoma.SparseNDArray, joinids: np.ndarray, var_to_token: np.ndarray,
-               chunk_cells: int) -> CellBlock:
+def read_block(
+    X: tiledbsoma.SparseNDArray, joinids: np.ndarray, var_to_token: np.ndarray, chunk_cells: int
+) -> CellBlock:
     """Read the cells `joinids` (ascending, unique) of X into a CellBlock.
 
     Joinids are read in groups of up to `chunk_cells`: a group whose span is short is read as one slice

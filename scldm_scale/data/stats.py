@@ -31,9 +31,18 @@ def library_size_stats(
          "groups": {"<id>,<id>": {"n", "mean_log", "std_log"}, ...}}; ids as in the batches' `labels`.
         Cells with library size 0 are left out of the log statistics.
     """
-    loader = build_loader(cfg, rank=0, world_size=1, gene_vocab=gene_vocab, label_vocabs=label_vocabs,
-                          atlas_uri=atlas_uri, value_filter=value_filter, shuffle=False, batch_size=batch_size,
-                          num_workers=0)
+    loader = build_loader(
+        cfg,
+        rank=0,
+        world_size=1,
+        gene_vocab=gene_vocab,
+        label_vocabs=label_vocabs,
+        atlas_uri=atlas_uri,
+        value_filter=value_filter,
+        shuffle=False,
+        batch_size=batch_size,
+        num_workers=0,
+    )
     sums: dict[tuple[int, ...], np.ndarray] = {}  # key -> (n, sum log, sum log^2)
     for batch in loader:
         keep = ~batch["is_padding"].numpy() & (batch["library_size"].numpy() > 0)
@@ -50,7 +59,11 @@ def library_size_stats(
     def summary(v: np.ndarray) -> dict[str, float]:
         n = max(v[0], 1.0)
         mean = v[1] / n
-        return {"n": int(v[0]), "mean_log": float(mean), "std_log": float(np.sqrt(max(v[2] / n - mean**2, 0.0)))}
+        return {
+            "n": int(v[0]),
+            "mean_log": float(mean),
+            "std_log": float(np.sqrt(max(v[2] / n - mean**2, 0.0))),
+        }
 
     total = sum(sums.values(), np.zeros(3))
     return {

@@ -82,18 +82,26 @@ class GeneVocab:
             raise ValueError(f"data.min_gene_cells={min_gene_cells} keeps no gene of the atlas var")
         return cls(ids, names)
 
-    def var_to_token(self, var_feature_ids: Sequence[str], var_joinids: Sequence[int] | None = None) -> np.ndarray:
+    def var_to_token(
+        self, var_feature_ids: Sequence[str], var_joinids: Sequence[int] | None = None
+    ) -> np.ndarray:
         """Lookup array indexed by var soma_joinid -> token id (0 = gene not in the vocabulary, dropped).
 
         Logs once how many atlas genes are dropped.
         """
-        joinids = np.arange(len(var_feature_ids)) if var_joinids is None else np.asarray(var_joinids, np.int64)
+        joinids = (
+            np.arange(len(var_feature_ids)) if var_joinids is None else np.asarray(var_joinids, np.int64)
+        )
         lut = np.zeros(int(joinids.max()) + 1 if len(joinids) else 0, dtype=np.int32)
-        tokens = np.fromiter((self._index.get(str(f), PAD_TOKEN) for f in var_feature_ids), np.int32, len(joinids))
+        tokens = np.fromiter(
+            (self._index.get(str(f), PAD_TOKEN) for f in var_feature_ids), np.int32, len(joinids)
+        )
         lut[joinids] = tokens
         dropped = int((tokens == PAD_TOKEN).sum())
         if dropped:
-            logger.info("%d of %d atlas genes are not in the gene vocabulary and are dropped", dropped, len(tokens))
+            logger.info(
+                "%d of %d atlas genes are not in the gene vocabulary and are dropped", dropped, len(tokens)
+            )
         return lut
 
     def to_json(self) -> str:
@@ -135,8 +143,11 @@ class LabelVocab:
     def encode(self, values: Sequence | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
         """Label ids of `values` and the number of unknown / null values (mapped to 0)."""
         cats, indices = _dictionary(values)
-        lut = np.array([self._index.get(c, UNKNOWN_LABEL) if c is not None else UNKNOWN_LABEL for c in cats]
-                       + [UNKNOWN_LABEL], dtype=np.int64)
+        lut = np.array(
+            [self._index.get(c, UNKNOWN_LABEL) if c is not None else UNKNOWN_LABEL for c in cats]
+            + [UNKNOWN_LABEL],
+            dtype=np.int64,
+        )
         out = lut[indices]
         return out, int((out == UNKNOWN_LABEL).sum())
 

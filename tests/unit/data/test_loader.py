@@ -14,8 +14,14 @@ from scldm_scale.data import GeneVocab, LabelVocab, build_gene_vocab, build_labe
 
 
 def _cfg(uri: str, **kw) -> SomaDataConfig:
-    base = dict(atlas_uri=uri, micro_batch_size=16, shuffle_chunk_cells=16, shuffle_buffer_cells=64, seed=3,
-                label_columns=["dataset_id", "cell_type"])
+    base = dict(
+        atlas_uri=uri,
+        micro_batch_size=16,
+        shuffle_chunk_cells=16,
+        shuffle_buffer_cells=64,
+        seed=3,
+        label_columns=["dataset_id", "cell_type"],
+    )
     base.update(kw)
     return SomaDataConfig(**base)
 
@@ -57,8 +63,9 @@ def test_unshuffled_reads_sequentially(small_atlas):
 
 
 def test_batch_contract_padding_mask_and_values(small_atlas):
-    loader = build_loader(_cfg(small_atlas, shuffle=False, remainder="pad", micro_batch_size=50), rank=0,
-                          world_size=1)
+    loader = build_loader(
+        _cfg(small_atlas, shuffle=False, remainder="pad", micro_batch_size=50), rank=0, world_size=1
+    )
     batch = next(iter(loader))
     assert batch["gene_ids"].dtype.is_floating_point is False and batch["counts"].dtype.is_floating_point
     assert batch["labels"].shape == (50, 2) and batch["labels"].min() >= 1
@@ -77,22 +84,27 @@ def test_batch_contract_padding_mask_and_values(small_atlas):
 
 def test_token_cap_samples_genes_and_flags(small_atlas):
     full = next(iter(build_loader(_cfg(small_atlas, shuffle=False), rank=0, world_size=1)))
-    cap = next(iter(build_loader(_cfg(small_atlas, shuffle=False, max_tokens_per_cell=6), rank=0, world_size=1)))
+    cap = next(
+        iter(build_loader(_cfg(small_atlas, shuffle=False, max_tokens_per_cell=6), rank=0, world_size=1))
+    )
     lengths = full["mask"].sum(1)
     assert (cap["truncated"] == (lengths > 6)).all() and cap["truncated"].any()
     assert cap["mask"].sum(1).max() == 6 and (cap["mask"].sum(1) == lengths.clamp(max=6)).all()
     assert (cap["library_size"] == full["library_size"]).all()  # library size is before the cap
     for i in range(len(lengths)):  # kept genes are a subset of the cell's genes with their counts
         f = dict(zip(full["gene_ids"][i].tolist(), full["counts"][i].tolist()))
-        for g, c in zip(cap["gene_ids"][i][cap["mask"][i]].tolist(), cap["counts"][i][cap["mask"][i]].tolist()):
+        for g, c in zip(
+            cap["gene_ids"][i][cap["mask"][i]].tolist(), cap["counts"][i][cap["mask"][i]].tolist()
+        ):
             assert f[g] == c
 
 
 def test_vocabulary_remapping_by_feature_id(small_atlas, remapped_atlas, caplog):
     vocab = build_gene_vocab(_cfg(small_atlas))
     with caplog.at_level(logging.INFO, logger="scldm_scale.data"):
-        loader = build_loader(_cfg(remapped_atlas, shuffle=False, micro_batch_size=40), rank=0, world_size=1,
-                              gene_vocab=vocab)
+        loader = build_loader(
+            _cfg(remapped_atlas, shuffle=False, micro_batch_size=40), rank=0, world_size=1, gene_vocab=vocab
+        )
     assert "5 of 50 atlas genes are not in the gene vocabulary" in caplog.text
     batch = next(iter(loader))
     dense, var_ids = _dense(remapped_atlas, batch["soma_joinid"].numpy())
@@ -120,7 +132,10 @@ def test_vocab_json_round_trip_and_min_gene_cells(small_atlas):
 
 
 def test_unknown_labels_map_to_zero(small_atlas, caplog):
-    vocabs = {"dataset_id": LabelVocab("dataset_id", ["ds1"]), "cell_type": LabelVocab("cell_type", ["B", "NK", "T"])}
+    vocabs = {
+        "dataset_id": LabelVocab("dataset_id", ["ds1"]),
+        "cell_type": LabelVocab("cell_type", ["B", "NK", "T"]),
+    }
     with caplog.at_level(logging.INFO, logger="scldm_scale.data"):
         loader = build_loader(_cfg(small_atlas, shuffle=False), rank=0, world_size=1, label_vocabs=vocabs)
     assert "unknown / null category" in caplog.text
@@ -130,8 +145,10 @@ def test_unknown_labels_map_to_zero(small_atlas, caplog):
 
 def test_drop_and_pad_give_equal_batches_per_rank(small_atlas):
     for remainder in ("pad", "drop"):
-        loaders = [build_loader(_cfg(small_atlas, remainder=remainder, micro_batch_size=50), rank=r, world_size=3)
-                   for r in range(3)]
+        loaders = [
+            build_loader(_cfg(small_atlas, remainder=remainder, micro_batch_size=50), rank=r, world_size=3)
+            for r in range(3)
+        ]
         counts = [len(list(ld)) for ld in loaders]
         assert len(set(counts)) == 1 and counts[0] == len(loaders[0])
     assert counts[0] == 480 // 150  # drop: 3 full rounds of 3 x 50
@@ -154,9 +171,14 @@ def test_config_and_atlas_errors_name_the_key(small_atlas):
 
 @pytest.mark.parametrize(
     "kw,key",
-    [({"shuffle_chunk_cells": 0}, "data.shuffle_chunk_cells"), ({"shuffle_buffer_cells": 4}, "data.shuffle_buffer_cells"),
-     ({"remainder": "keep"}, "data.remainder"), ({"memory_budget_mb": 0}, "data.memory_budget_mb"),
-     ({"min_gene_cells": -1}, "data.min_gene_cells"), ({"label_columns": ["a", "a"]}, "data.label_columns")],
+    [
+        ({"shuffle_chunk_cells": 0}, "data.shuffle_chunk_cells"),
+        ({"shuffle_buffer_cells": 4}, "data.shuffle_buffer_cells"),
+        ({"remainder": "keep"}, "data.remainder"),
+        ({"memory_budget_mb": 0}, "data.memory_budget_mb"),
+        ({"min_gene_cells": -1}, "data.min_gene_cells"),
+        ({"label_columns": ["a", "a"]}, "data.label_columns"),
+    ],
 )
 def test_config_validation(kw, key):
     with pytest.raises(ValueError, match=key):

@@ -35,7 +35,9 @@ def test_fresh_pieces_cover_the_epoch():
 
 
 @pytest.mark.parametrize("remainder", ["pad", "drop"])
-@pytest.mark.parametrize("total,world,workers,bs", [(1000, 2, 2, 32), (97, 3, 2, 8), (5, 4, 0, 4), (64, 2, 1, 32)])
+@pytest.mark.parametrize(
+    "total,world,workers,bs", [(1000, 2, 2, 32), (97, 3, 2, 8), (5, 4, 0, 4), (64, 2, 1, 32)]
+)
 def test_layout_equal_batches_and_disjoint_real_ranges(total, world, workers, bs, remainder):
     slots = layout(total, world_size=world, num_workers=workers, batch_size=bs, remainder=remainder)
     nb = rank_num_batches(total, world_size=world, batch_size=bs, remainder=remainder)
