@@ -41,6 +41,20 @@ class LatentCacheConfig:
             raise ValueError(f"latent_cache.max_bytes must be >= 0, got {self.max_bytes}")
 
 
+@dataclass(kw_only=True)
+class GenerationEvalConfig:
+    enable_at_end: bool = True
+    """After training, generate cells, score them against real cells (W2, MMD^2, FD) and plot both (rank 0)."""
+    num_cells: int = 256
+    """Real cells (and as many generated, with their labels and library sizes) scored at the end."""
+    use_val_split: bool = True
+    """Take the real cells from `data.val_value_filter` (else from the training filter)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cells < 2:
+            raise ValueError(f"eval.num_cells must be >= 2, got {self.num_cells}")
+
+
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
@@ -76,6 +90,8 @@ class LDMExperimentConfig:
     """Flow matching and sampling."""
     latent_cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
     """Encode the training set once with the frozen VAE, or on the fly."""
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    """End-of-run generation scores and plot."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.999], schedule="cosine")
     )

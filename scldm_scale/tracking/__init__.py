@@ -6,6 +6,7 @@
 from scldm_scale.tracking.base import (
     DatasetInfo,
     FanoutLogger,
+    MemoryLogger,
     MetricLogger,
     NullLogger,
     StdoutLogger,
@@ -16,6 +17,7 @@ from scldm_scale.tracking.base import (
 __all__ = [
     "DatasetInfo",
     "FanoutLogger",
+    "MemoryLogger",
     "MetricLogger",
     "NullLogger",
     "StdoutLogger",

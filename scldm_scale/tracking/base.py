@@ -105,6 +105,19 @@ class StdoutLogger(NullLogger):
         logger.info(format_metrics(metrics, step))
 
 
+class MemoryLogger(NullLogger):
+    """Keeps every metric as `history[name] = [(step, value), ...]` (loss-curve plots, tests)."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        super().__init__(run_id)
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Append each value."""
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append((int(step), float(value)))
+
+
 class FanoutLogger:
     """Sends every call to several loggers (e.g. progress lines plus MLflow)."""
 

@@ -1,0 +1,234 @@
+"""Stage-1 -> stage-2 hand-off: find the stage-1 checkpoint, load and freeze its autoencoder, check its gene
+vocabulary against the atlas, and build the latent cache (or decide to encode on the fly).
+
+No manual conversion: `checkpoint.load_model_weights` reads any engine's sharded checkpoint on one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scldm_scale.checkpoint.export import load_model_weights
+from scldm_scale.checkpoint.layout import resolve_checkpoint
+from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, load_config
+from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
+from scldm_scale.data.loader import build_gene_vocab, build_loader
+from scldm_scale.data.vocab import GeneVocab
+from scldm_scale.distributed import DistInfo, barrier, broadcast_object
+from scldm_scale.models import LatentStats, build_vae
+from scldm_scale.models.vae import TransformerVAE
+from scldm_scale.train import latent_cache
+from scldm_scale.train.ldm_step import encode_latents
+
+logger = logging.getLogger(__name__)
+
+STAGE1_RUN_ID_TAG = "scldm.stage1.run_id"
+"""Stage-2 run tag: the stage-1 MLflow run."""
+STAGE1_CHECKPOINT_TAG = "scldm.stage1.checkpoint"
+"""Stage-2 run tag: the stage-1 checkpoint directory loaded."""
+
+
+@dataclass
+class Stage1:
+    """The frozen stage-1 autoencoder and what came with its checkpoint."""
+
+    checkpoint: Path
+    """Checkpoint directory the weights were read from."""
+    vae: TransformerVAE
+    """Frozen (requires_grad False, eval) on this rank's device."""
+    gene_vocab: GeneVocab
+    """The vocabulary the autoencoder was trained on (token ids must not change)."""
+    config_yaml: str
+    """Resolved stage-1 config."""
+    run_id: str | None
+    """Stage-1 MLflow run, if any."""
+    latent_stats: LatentStats | None = None
+    """Scalar latent normalisation (flow.latent_normalization=standardize), fitted on cached latents."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Lineage tags of the stage-2 run."""
+
+
+def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None]:
+    """(run_dir or checkpoint path, stage-1 run id); an MLflow run id is looked up on rank 0 only."""
+    run_id = cfg.stage1.mlflow_run_id
+    if run_id is None:
+        return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None
+    found: tuple[str | None, str] = (None, "")
+    if dist.rank == 0:
+        from scldm_scale.tracking.mlflow import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
+
+        try:
+            tags = get_run_tags(cfg.tracking, run_id)
+            path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)
+            found = (
+                path,
+                "" if path else f"stage1.mlflow_run_id={run_id!r}: the run has no {RUN_DIR_TAG} tag",
+            )
+        except ValueError as exc:
+            found = (None, str(exc))
+    path, error = broadcast_object(found)
+    if path is None:
+        raise ValueError(error)
+    return path, run_id
+
+
+def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
+    """Load the stage-1 autoencoder (any engine, any world size), freeze it, move it to this rank's device.
+
+    Raises:
+        ValueError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found.
+    """
+    location, run_id = _stage1_location(cfg, dist)
+    key = "stage1.mlflow_run_id" if cfg.stage1.mlflow_run_id else "stage1.checkpoint"
+    try:
+        ckpt = resolve_checkpoint(location)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"{key}: no stage-1 checkpoint at {location!r} ({exc})") from exc
+    state, meta = load_model_weights(ckpt)
+    manifest = meta.get("manifest", {})
+    if "gene_vocab" not in manifest or "config_yaml" not in manifest:
+        raise ValueError(f"{key}: {ckpt} is not a stage-1 autoencoder checkpoint (no gene_vocab/config_yaml)")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "stage1.yaml").write_text(manifest["config_yaml"])
+        vae_cfg = load_config(VAEExperimentConfig, [Path(tmp) / "stage1.yaml"])
+    gene_vocab = GeneVocab.from_json(manifest["gene_vocab"])
+    vae = build_vae(vae_cfg.model, gene_vocab.num_genes)
+    vae.load_state_dict(state)
+    vae.requires_grad_(False).eval().to(dist.device)
+    run_id = run_id or manifest.get("mlflow_run_id")
+    logger.info(
+        "stage 1: %s (step %s, %d genes, run %s), frozen",
+        ckpt,
+        meta.get("step"),
+        gene_vocab.num_genes,
+        run_id,
+    )
+    tags = {"scldm.stage": "ldm", STAGE1_CHECKPOINT_TAG: str(ckpt.resolve()), STAGE1_RUN_ID_TAG: str(run_id)}
+    return Stage1(ckpt, vae, gene_vocab, manifest["config_yaml"], run_id, tags=tags)
+
+
+def check_vocabulary(data_cfg: SomaDataConfig, atlas_uri: str, stage1: Stage1) -> None:
+    """Every gene of the stage-1 vocabulary must be in the atlas var (token ids keep their meaning).
+
+    Raises:
+        ValueError: listing how many and which genes are missing.
+    """
+    atlas = build_gene_vocab(dataclasses.replace(data_cfg, min_gene_cells=0), atlas_uri=atlas_uri)
+    present = set(atlas.feature_ids)
+    missing = [g for g in stage1.gene_vocab.feature_ids if g not in present]
+    if missing:
+        raise ValueError(
+            f"gene vocabulary mismatch: the stage-1 autoencoder ({stage1.checkpoint}) was trained on "
+            f"{stage1.gene_vocab.num_genes} genes, {len(missing)} of them are not in data.atlas_uri={atlas_uri!r} "
+            f"({atlas.num_genes} genes), e.g. {missing[:5]}; train stage 2 on the stage-1 atlas or retrain stage 1"
+        )
+    extra = len(present) - stage1.gene_vocab.num_genes
+    if extra > 0:
+        logger.warning("the atlas has %d genes the stage-1 vocabulary lacks; they are ignored", extra)
+
+
+def cache_key(cfg: LDMExperimentConfig, atlas_uri: str, stage1: Stage1) -> dict[str, Any]:
+    """What the cached latents depend on: the stage-1 weights, atlas, filter, labels and vocabulary."""
+    vocab_sha = hashlib.sha1(stage1.gene_vocab.to_json().encode()).hexdigest()[:16]
+    return {
+        "stage1_checkpoint": str(stage1.checkpoint.resolve()),
+        "atlas_uri": atlas_uri,
+        "value_filter": cfg.data.value_filter,
+        "label_columns": list(cfg.data.label_columns),
+        "max_tokens_per_cell": cfg.data.max_tokens_per_cell,
+        "gene_vocab_sha1": vocab_sha,
+    }
+
+
+def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: Stage1):
+    """The cached-latent loader, building the cache first if needed; None = encode on the fly.
+
+    With `latent_cache.mode=auto` the cache is used when `estimate_bytes` fits `latent_cache.max_bytes`.
+    Every rank encodes its own partition of one unshuffled pass; rank 0 writes the index after a barrier.
+    """
+    need = latent_cache.estimate_bytes(
+        data.loader.num_cells, stage1.vae.latent_shape, len(cfg.data.label_columns)
+    )
+    mode = cfg.latent_cache.mode
+    if mode == "off" or (mode == "auto" and need > cfg.latent_cache.max_bytes):
+        logger.info(
+            "latent cache off (mode=%s, needs %.1f MiB, budget %.1f MiB): encoding on the fly",
+            mode,
+            need / 2**20,
+            cfg.latent_cache.max_bytes / 2**20,
+        )
+        _fit_latent_stats(cfg, stage1, None)
+        return None
+    cache_dir = Path(cfg.latent_cache.dir or Path(cfg.train.run_dir) / "latent_cache")
+    key = cache_key(cfg, data.atlas_uri, stage1)
+    if not broadcast_object(latent_cache.cache_is_valid(cache_dir, key) if dist.rank == 0 else None):
+        _build_cache(cfg, dist, data, stage1, cache_dir, key)
+    loader = latent_cache.LatentCacheLoader(
+        cache_dir,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        micro_batch_size=cfg.data.micro_batch_size,
+        seed=cfg.data.seed if cfg.data.seed is not None else cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+    )
+    logger.info("latent cache: %s (%d cells, %.1f MiB)", cache_dir, loader.num_cells, need / 2**20)
+    _fit_latent_stats(cfg, stage1, loader.cells[latent_cache.LATENTS])
+    return loader
+
+
+def _build_cache(
+    cfg, dist: DistInfo, data: Any, stage1: Stage1, cache_dir: Path, key: dict[str, Any]
+) -> None:
+    """Encode one unshuffled pass of this rank's cells and write the shard; rank 0 indexes the shards."""
+    logger.info("latent cache: encoding %d training cells into %s", data.loader.num_cells, cache_dir)
+    loader = build_loader(
+        cfg.data,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        gene_vocab=stage1.gene_vocab,
+        label_vocabs=data.loader.label_vocabs,
+        atlas_uri=data.atlas_uri,
+        shuffle=False,
+    )
+    total = len(loader)
+
+    def batches():
+        for i, batch in enumerate(loader):
+            if dist.rank == 0 and (i + 1) % max(1, total // 10) == 0:
+                logger.info("latent cache: %d / %d batches encoded", i + 1, total)
+            keep = ~batch["is_padding"] if "is_padding" in batch else None
+            batch = {k: (v[keep] if keep is not None else v).to(dist.device) for k, v in batch.items()}
+            yield batch
+
+    latent_cache.write_shard(
+        cache_dir,
+        batches(),
+        lambda b: encode_latents(stage1.vae, b),
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    barrier()
+    if dist.rank == 0:
+        latent_cache.write_index(cache_dir, world_size=dist.world_size, key=key)
+    barrier()
+
+
+def _fit_latent_stats(cfg: LDMExperimentConfig, stage1: Stage1, latents: torch.Tensor | None) -> None:
+    """`flow.latent_normalization=standardize` needs a scalar shift/scale; fit it on cached latents."""
+    if cfg.flow.latent_normalization == "none":
+        return
+    if latents is None:
+        raise NotImplementedError(
+            "flow.latent_normalization=standardize needs the latent cache (latent_cache.mode)"
+        )
+    stage1.latent_stats = LatentStats.fit(latents[:100_000])
+    stage1.tags["scldm.latent_stats"] = json.dumps(stage1.latent_stats.to_dict())

@@ -1,0 +1,335 @@
+"""`run_vae(cfg)` and `run_ldm(cfg)`: one training job from set-up to teardown, as torchtitan's train.py.
+
+Logging, process group, demo-atlas resolution, vocabularies, loader, model, engine, tracker, `Trainer`,
+end-of-run plots, and teardown in `finally` (the tracker is closed FAILED on error, the process group
+destroyed). The stage-1 -> stage-2 hand-off (frozen autoencoder, vocabulary check, latent cache) is in
+`train/handoff.py`; the end-of-run plots and generation scores in `train/report.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
+from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
+from scldm_scale.config.data import DEMO_ATLAS
+from scldm_scale.data.loader import SomaLoader, build_loader
+from scldm_scale.distributed import (
+    DistInfo,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+)
+from scldm_scale.models import build_dit, build_vae, num_parameters
+from scldm_scale.tracking import (
+    DatasetInfo,
+    FanoutLogger,
+    MemoryLogger,
+    MetricLogger,
+    NullLogger,
+    build_logger,
+)
+from scldm_scale.train import handoff, report
+from scldm_scale.train.ema import EMA
+from scldm_scale.train.ldm_step import ldm_step
+from scldm_scale.train.loop import Trainer, TrainResult
+from scldm_scale.train.optim import build_engine, peak_lr
+from scldm_scale.train.vae_step import vae_step
+from scldm_scale.utils import seed_everything, setup_logging
+
+logger = logging.getLogger(__name__)
+
+ExperimentConfig = VAEExperimentConfig | LDMExperimentConfig
+
+
+@dataclass
+class RunResult:
+    """What a finished job returns (every rank; `history` is filled on rank 0 only)."""
+
+    run_dir: Path
+    """The job's run_dir."""
+    run_id: str | None
+    """MLflow run id (None without MLflow or when the server was never reached)."""
+    train: TrainResult
+    """Steps, losses, last checkpoint."""
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Logged metrics by name: [(step, value), ...] (rank 0)."""
+
+
+@dataclass
+class TrainingData:
+    """The resolved atlas, the training loader and its vocabularies."""
+
+    atlas_uri: str
+    """Resolved SOMA URI (the demo atlas path for "demo")."""
+    loader: SomaLoader
+    """This rank's training loader."""
+
+    @property
+    def gene_vocab(self):
+        return self.loader.gene_vocab
+
+    @property
+    def label_cardinalities(self) -> list[int]:
+        """K_j per label column (categories 1..K_j; 0 = unknown / null)."""
+        return [self.loader.label_vocabs[c].num_classes - 1 for c in self.loader.label_vocabs]
+
+
+def _init(device: str) -> DistInfo:
+    """Logging and the process group; a plain `python` launch becomes a one-process job."""
+    # DeepSpeed insists on LOCAL_RANK even for one process; torchrun / deepspeed set it, plain python does not.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    setup_logging()
+    return init_distributed(device)
+
+
+def run_vae(cfg: VAEExperimentConfig) -> RunResult:
+    """Train the stage-1 autoencoder on `cfg.data` (the embedded demo atlas by default)."""
+    dist = _init(cfg.train.device)
+    tracker: MetricLogger = NullLogger()
+    status = "FAILED"
+    try:
+        seed_everything(cfg.train.seed)
+        data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
+        model = build_vae(cfg.model, data.gene_vocab.num_genes)
+        engine = build_engine(
+            cfg.engine,
+            model,
+            optim_cfg=cfg.optim,
+            max_steps=cfg.train.max_steps,
+            precision=cfg.train.precision,
+            device=dist.device,
+            grad_accum_steps=cfg.train.grad_accum_steps,
+        )
+        tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
+        log_run_start(tracker, cfg, dist, data, model)
+        trainer = Trainer(
+            engine=engine,
+            step_fn=vae_step,
+            loader=data.loader,
+            logger=tracker,
+            cfg_train=cfg.train,
+            cfg_ckpt=cfg.checkpoint,
+            run_dir=cfg.train.run_dir,
+            log_interval_steps=cfg.tracking.log_interval_steps,
+            manifest=build_manifest(cfg, data, tracker.run_id),
+        )
+        result = finish(tracker, cfg, dist, trainer.train())
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+        destroy_distributed()
+
+
+def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
+    """Train the stage-2 DiT by flow matching on latents of the frozen stage-1 autoencoder.
+
+    The autoencoder comes from `stage1.checkpoint` (a run_dir or one checkpoint) or `stage1.mlflow_run_id`;
+    its gene vocabulary must be in the atlas. Latents are cached once when they fit `latent_cache.max_bytes`
+    (or with `latent_cache.mode=on`), else encoded on the fly every step.
+    """
+    dist = _init(cfg.train.device)
+    tracker: MetricLogger = NullLogger()
+    status = "FAILED"
+    try:
+        seed_everything(cfg.train.seed)
+        stage1 = handoff.load_stage1(cfg, dist)
+        data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
+        loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
+        dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
+        engine = build_engine(
+            cfg.engine,
+            dit,
+            optim_cfg=cfg.optim,
+            max_steps=cfg.train.max_steps,
+            precision=cfg.train.precision,
+            device=dist.device,
+            grad_accum_steps=cfg.train.grad_accum_steps,
+        )
+        ema = EMA(engine, decay=cfg.flow.ema_decay, warmup_steps=cfg.flow.ema_update_after_step)
+        tracker = open_tracker(cfg, dist, tags=stage1.tags)
+        log_run_start(tracker, cfg, dist, data, dit, extra={"run.latent_cache": loader is not data.loader})
+        step_fn = functools.partial(ldm_step, vae=stage1.vae, latent_stats=stage1.latent_stats)
+        trainer = Trainer(
+            engine=engine,
+            step_fn=step_fn,
+            loader=loader,
+            logger=tracker,
+            cfg_train=cfg.train,
+            cfg_ckpt=cfg.checkpoint,
+            run_dir=cfg.train.run_dir,
+            ema=ema,
+            log_interval_steps=cfg.tracking.log_interval_steps,
+            manifest=build_manifest(cfg, data, tracker.run_id, stage1=stage1),
+        )
+        train_result = trainer.train()
+        report.evaluate_generation(tracker, cfg, dist, engine=engine, ema=ema, stage1=stage1, data=data)
+        result = finish(tracker, cfg, dist, train_result)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+        destroy_distributed()
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def open_training_data(
+    data_cfg: SomaDataConfig, dist: DistInfo, *, seed: int, stage1: handoff.Stage1 | None = None
+) -> TrainingData:
+    """Resolve "demo" to the embedded atlas (built once, under a file lock), check it and open the loader.
+
+    Stage 2 passes the stage-1 vocabulary, checked against the atlas first.
+    """
+    uri = data_cfg.atlas_uri
+    if uri == DEMO_ATLAS:
+        from data_pipelines.demo import ensure_demo_atlas  # lazy: only the demo needs the ingestion code
+
+        uri = ensure_demo_atlas()
+    if stage1 is not None:
+        handoff.check_vocabulary(data_cfg, uri, stage1)
+    loader = build_loader(
+        data_cfg,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        atlas_uri=uri,
+        seed=seed,
+        gene_vocab=stage1.gene_vocab if stage1 is not None else None,
+    )
+    return TrainingData(atlas_uri=uri, loader=loader)
+
+
+def _resumed_run_id(cfg: ExperimentConfig) -> str | None:
+    """MLflow run id stored in the checkpoint this job will resume from (rank 0; None = a new run)."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    ckpt = latest_checkpoint(cfg.train.run_dir) if mode == "auto" else resolve_checkpoint(mode)
+    if ckpt is None:
+        return None
+    return read_meta(ckpt).get("manifest", {}).get("mlflow_run_id")
+
+
+def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str]) -> MetricLogger:
+    """One MLflow run per job: rank 0 opens (or, on resume, continues) it; every rank learns its id.
+
+    Rank 0 also keeps the metric history in memory for the end-of-run plots.
+    """
+    run_id = None
+    if dist.rank == 0:
+        run_dir = Path(cfg.train.run_dir).resolve()
+        tags = {**tags, "scldm.run_dir": str(run_dir), "scldm.engine": cfg.engine.name}
+        real = build_logger(cfg.tracking, 0, run_id=_resumed_run_id(cfg), spill_dir=str(run_dir), tags=tags)
+        tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
+        run_id = tracker.run_id
+    run_id = broadcast_object(run_id)
+    return tracker if dist.rank == 0 else NullLogger(run_id)
+
+
+def log_run_start(
+    tracker: MetricLogger,
+    cfg: ExperimentConfig,
+    dist: DistInfo,
+    data: TrainingData,
+    model: nn.Module,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Rank 0: resolved config (params + artifact), run-time values, dataset input, gene vocabulary."""
+    if dist.rank != 0:
+        return
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "gene_vocab.json").write_text(data.gene_vocab.to_json())
+    cells_per_step = cfg.data.micro_batch_size * cfg.train.grad_accum_steps * dist.world_size
+    runtime = {
+        "run.world_size": dist.world_size,
+        "run.device": str(dist.device),
+        "run.atlas_uri": data.atlas_uri,
+        "run.num_genes": data.gene_vocab.num_genes,
+        "run.num_cells": data.loader.num_cells,
+        "run.cells_per_step": cells_per_step,
+        "run.peak_lr": peak_lr(cfg.optim, dist.world_size),
+        "run.num_parameters": num_parameters(model),
+        **(extra or {}),
+    }
+    logger.info("run: %s", ", ".join(f"{k.removeprefix('run.')}={v}" for k, v in runtime.items()))
+    tracker.log_params({**to_flat_dict(cfg), **runtime})
+    tracker.log_dataset(dataset_info(cfg.data, data))
+    tracker.log_artifact(str(run_dir / "config.yaml"))
+    tracker.log_artifact(str(run_dir / "gene_vocab.json"))
+
+
+def dataset_info(data_cfg: SomaDataConfig, data: TrainingData) -> DatasetInfo:
+    """Atlas URI, value filter, cell count and a digest of the selected cells and the gene vocabulary."""
+    cells_sha = data.loader.state_dict()["fingerprint"]["obs_joinids_sha1"]
+    digest = hashlib.sha1(f"{data.atlas_uri}|{cells_sha}|{data.gene_vocab.to_json()}".encode()).hexdigest()
+    return DatasetInfo(
+        name=Path(data.atlas_uri.rstrip("/")).name,
+        uri=data.atlas_uri,
+        value_filter=data_cfg.value_filter,
+        num_cells=data.loader.num_cells,
+        digest=digest,
+        num_genes=data.gene_vocab.num_genes,
+    )
+
+
+def build_manifest(
+    cfg: ExperimentConfig, data: TrainingData, run_id: str | None, stage1: handoff.Stage1 | None = None
+) -> dict[str, Any]:
+    """What every checkpoint carries: config, vocabularies, MLflow run id (and stage-1 lineage)."""
+    manifest = {
+        "stage": "ldm" if stage1 else "vae",
+        "config_yaml": to_yaml(cfg),
+        "mlflow_run_id": run_id,
+        "gene_vocab": data.gene_vocab.to_json(),
+        "atlas_uri": data.atlas_uri,
+        "label_vocabs": {c: v.to_json() for c, v in data.loader.label_vocabs.items()},
+    }
+    if stage1 is not None:
+        manifest.update(
+            stage1_checkpoint=str(stage1.checkpoint.resolve()),
+            stage1_run_id=stage1.run_id,
+            stage1_config_yaml=stage1.config_yaml,
+            latent_stats=stage1.latent_stats.to_dict() if stage1.latent_stats else None,
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- end
+def finish(tracker: MetricLogger, cfg: ExperimentConfig, dist: DistInfo, result: TrainResult) -> RunResult:
+    """Rank 0: loss-curve plot (artifact), checkpoint tags for stage-2 look-ups; every rank: the result."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    if dist.rank == 0:
+        memory = next(lg for lg in tracker.loggers if isinstance(lg, MemoryLogger))
+        history = memory.history
+        if cfg.tracking.enable_plots and history:
+            report.log_loss_curves(tracker, history, Path(cfg.train.run_dir))
+        if result.last_checkpoint is not None:
+            tracker.set_tags(
+                {
+                    "scldm.checkpoint": str(Path(result.last_checkpoint).resolve()),
+                    "scldm.final_step": str(result.final_step),
+                }
+            )
+        logger.info(
+            "done: step %d, %d cells seen, last checkpoint %s",
+            result.final_step,
+            result.cells_seen,
+            result.last_checkpoint,
+        )
+    return RunResult(run_dir=Path(cfg.train.run_dir), run_id=tracker.run_id, train=result, history=history)
