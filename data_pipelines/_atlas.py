@@ -25,8 +25,6 @@ import pandas as pd
 import pyarrow as pa
 import tiledbsoma
 
-from scldm_scale.data.context import make_soma_context
-
 logger = logging.getLogger(__name__)
 
 MEASUREMENT_NAME = "RNA"
@@ -47,6 +45,14 @@ def is_s3(uri: str) -> bool:
 
 
 def soma_context(uri: str, s3_endpoint_url: str | None = None) -> tiledbsoma.SOMATileDBContext:
+    """The shared `make_soma_context` for s3:// URIs; a default context for local paths.
+
+    Imported lazily: `scldm_scale.data` pulls in torch (seconds), which local ingestion does not need.
+    """
+    if not is_s3(uri):
+        return tiledbsoma.SOMATileDBContext()
+    from scldm_scale.data.context import make_soma_context
+
     return make_soma_context(uri, s3_endpoint_url)
 
 
