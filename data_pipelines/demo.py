@@ -58,7 +58,7 @@ def stratified_split(strata: pd.DataFrame, seed: int = SPLIT_SEED) -> np.ndarray
 
     Each stratum is shuffled with one generator seeded by `seed` (strata visited in sorted order), so the
     split is a pure function of the table and the seed. A stratum of n cells gets round(0.1 n) val and
-    round(0.1 n) test cells, so strata of 1-4 cells stay entirely in train.
+    round(0.1 n) test cells (Python rounding, half to even), so strata of at most 5 cells stay in train.
     """
     rng = np.random.default_rng(seed)
     split = np.empty(len(strata), dtype=object)
