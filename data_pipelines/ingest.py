@@ -66,8 +66,12 @@ def ingest_h5ads(
         s3_endpoint_url: endpoint override for s3:// atlases.
         experiment_metadata: extra key -> scalar written into the experiment metadata.
 
+    obs gets `obs_id` (the input obs_names: unique within a dataset, not across datasets), `dataset_id` and
+    the label columns as strings; var gets `feature_id` (var['feature_id'] if present, else var_names),
+    `feature_name` (var['feature_name'] or var['gene_symbol'] if present, else var_names) and `n_cells`.
+
     Returns:
-        A summary: atlas_uri, n_obs, n_vars, n_new_genes and one dict per ingested dataset.
+        A summary: atlas_uri, n_obs, n_vars, n_new_genes, label_columns and one dict per ingested dataset.
 
     Raises:
         IngestError: (a ValueError) on any bad input; the atlas is left untouched.
@@ -342,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_rows=args.chunk_rows,
             s3_endpoint_url=args.s3_endpoint_url,
         )
-    except IngestError as exc:
+    except ValueError as exc:  # IngestError, or an atlas path that is not a SOMA experiment
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for d in summary["datasets"]:

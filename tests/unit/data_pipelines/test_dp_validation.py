@@ -195,3 +195,13 @@ def test_bad_split_values_rejected(tmp_path, make_adata):
     a.obs["split"] = "training"
     with pytest.raises(IngestError, match="obs\\['split'\\] must be one of"):
         ingest_anndata(str(tmp_path / "a"), [a])
+
+
+def test_atlas_path_that_is_not_an_experiment(tmp_path, make_adata, write_h5ad, tree_hash, capsys):
+    atlas = tmp_path / "not_an_atlas"
+    atlas.mkdir()
+    (atlas / "notes.txt").write_text("keep me")
+    before = tree_hash(str(atlas))
+    assert main(["--atlas", str(atlas), write_h5ad(make_adata())]) == 2
+    assert "exists but is not a SOMA Experiment" in capsys.readouterr().err
+    assert tree_hash(str(atlas)) == before
