@@ -39,8 +39,8 @@ def _load_dcp(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) + 1 :]: value for key, value in state.items()}
 
 
-def _load_deepspeed(path: Path, which: str) -> dict[str, torch.Tensor]:
-    if which == MODEL:
+def _load_deepspeed(path: Path, which: str, engine: str) -> dict[str, torch.Tensor]:
+    if which == MODEL and engine != "zero0":
         from scldm_scale.distributed.deepspeed import import_deepspeed
 
         import_deepspeed()
@@ -82,7 +82,7 @@ def load_model_weights(path: str | Path, *, which: str = MODEL) -> tuple[dict[st
     if meta["engine"] == "fsdp2":
         state = _load_dcp(ckpt / DCP_DIR, which)
     else:
-        state = _load_deepspeed(ckpt, which)
+        state = _load_deepspeed(ckpt, which, meta["engine"])
     return {key: value.float() for key, value in state.items()}, meta
 
 

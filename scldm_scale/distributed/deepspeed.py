@@ -7,6 +7,7 @@ Choices, and why:
 - The LR scheduler is stepped here, not by DeepSpeed, so skipped steps advance it exactly as in FSDP2.
 - Skipping a step: the inner AdamW's `step` is gated off for one `engine.step()` call; DeepSpeed still
   runs its bookkeeping (clip, zero_grad, counters) but weights and moments stay untouched.
+- ZeRO-0 also stores the fp32 model in that safetensors file (zero_to_fp32 does not read stage 0).
 - Extra tensors (EMA) are consolidated to full fp32 and written by rank 0 as safetensors, so they load at
   any world size even for ZeRO-3 partitions.
 """
@@ -99,13 +100,14 @@ class DeepSpeedEngine:
         wanted = set(trainable)
         params = [p for n, p in model.named_parameters() if clean_name(n) in wanted]
         basic = optimizer_factory(params)
+        # Built before the gate below: LambdaLR re-wraps `optimizer.step` and needs the bound method.
+        self.lr_scheduler = scheduler_factory(basic)
         self._skip = False
         basic.step = self._gated(basic.step)
         config = ds_config(
             cfg, stage=stage, grad_clip_norm=grad_clip_norm, grad_accum_steps=grad_accum_steps, precision=precision
         )
         self.model, self.optimizer, _, _ = self._ds.initialize(model=model, optimizer=basic, config=config)
-        self.lr_scheduler = scheduler_factory(basic)
         self._module = self.model.module
         self._params = {clean_name(n): p for n, p in self._module.named_parameters() if clean_name(n) in wanted}
         if precision == "bf16":
@@ -217,6 +219,9 @@ class DeepSpeedEngine:
         path = Path(path)
         self.model.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, save_latest=False)
         flat = {}
+        if self.stage == 0:
+            # zero_to_fp32 cannot read stage 0; weights are replicated anyway, so store the fp32 masters.
+            flat.update({f"model/{n}": t.contiguous() for n, t in self.full_state_dict().items()})
         for key, group in tensors.items():
             for name, t in self.gather_full(group).items():
                 flat[f"{key}/{name}"] = t.contiguous()

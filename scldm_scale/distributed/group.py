@@ -85,6 +85,9 @@ def init_distributed(device: str | torch.device = "auto", timeout_seconds: int =
             if world_size != 1:
                 raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            # DeepSpeed insists on launcher env vars even for one process.
+            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(key, value)
         _OWNS_GROUP = True
         logger.info("process group up: backend=%s world_size=%d device=%s", backend, world_size, dev)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
