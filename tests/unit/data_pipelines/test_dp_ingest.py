@@ -194,20 +194,28 @@ def test_backed_chunks_bound_memory(tmp_path, make_adata, write_h5ad, monkeypatc
     assert sizes == [16, 16, 16, 2] * 2  # validation pass + write pass
 
 
-def test_cli_success_subprocess(tmp_path, make_adata, write_h5ad):
+def test_cli_success_with_options(tmp_path, make_adata, write_h5ad, capsys):
+    """In-process `main`; test_concurrent_ingests_are_serialized runs the CLI as real processes."""
+    from data_pipelines.ingest import main
+
     a = make_adata(labels=False)
     a.obs["tissue"] = pd.Categorical(["lung"] * 15 + [np.nan] * 15, categories=["lung"])
     path = write_h5ad(a, "lung")
     atlas = str(tmp_path / "atlas")
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.ingest", "--atlas", atlas, path, "--dataset-id", "L1"]
-        + ["--label-column", "tissue", "--fill", "tissue=unknown", "--chunk-rows", "8"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "L1: 30 cells, 12 genes" in proc.stdout
+    argv = [
+        "--atlas",
+        atlas,
+        path,
+        "--dataset-id",
+        "L1",
+        "--label-column",
+        "tissue",
+        "--fill",
+        "tissue=unknown",
+    ]
+    assert main([*argv, "--chunk-rows", "8"]) == 0
+    assert "L1: 30 cells, 12 genes" in capsys.readouterr().out
     obs = _read(atlas)[0]
     assert obs["tissue"].value_counts().to_dict() == {"lung": 15, "unknown": 15}
+    assert main(["--atlas", atlas, path, "--fill", "tissue"]) == 2
+    assert "--fill expects COLUMN=VALUE" in capsys.readouterr().err
