@@ -113,16 +113,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_subprocess_representative_failures(base_atlas, make_adata, write_h5ad, tree_hash, tmp_path):
-    """Through a real `python -m data_pipelines.ingest` process: non-HDF5, log-normalised, dup cells, missing labels."""
+    """Through a real `python -m data_pipelines.ingest` process: non-HDF5, log-normalised, duplicated cells."""
     not_hdf5 = tmp_path / "notes.h5ad"
     not_hdf5.write_text("cell,gene,count\n")
     files = {
         "not an HDF5 file": str(not_hdf5),
         "non-integer values (log-normalised": write_h5ad(_bad_log_normalised(make_adata(seed=3)), "log"),
         "duplicated cell id(s), first 'cell5'": write_h5ad(_bad_dup_cell(make_adata(seed=3)), "dupcell"),
-        "label column 'cell_type' has 1 missing value(s)": write_h5ad(
-            _bad_missing_label(make_adata(seed=3)), "lab"
-        ),
     }
     before = tree_hash(base_atlas)
     for message, path in files.items():
