@@ -29,8 +29,8 @@ class Stage1Config:
 
 @dataclass(kw_only=True)
 class LatentCacheConfig:
-    mode: Literal["auto", "on", "off"] = "auto"
-    """auto = cache when the training latents fit `max_bytes`; on = always; off = encode every batch on the fly."""
+    mode: Literal["auto", "always", "never"] = "auto"
+    """auto = cache when the training latents fit `max_bytes`; always; never (encode every batch on the fly)."""
     max_bytes: int = 2 * 2**30
     """Budget: the cached latents of the whole training set must fit this (held in memory by every rank)."""
     dir: str | None = None

@@ -31,6 +31,8 @@ from scldm_scale.train.ldm_step import encode_latents
 
 logger = logging.getLogger(__name__)
 
+ENCODE_BATCH_SIZE = 256
+"""Cells per encoding batch when the cache is built (no gradients, so larger than a training micro-batch)."""
 STAGE1_RUN_ID_TAG = "scldm.stage1.run_id"
 """Stage-2 run tag: the stage-1 MLflow run."""
 STAGE1_CHECKPOINT_TAG = "scldm.stage1.checkpoint"
@@ -159,7 +161,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
         data.loader.num_cells, stage1.vae.latent_shape, len(cfg.data.label_columns)
     )
     mode = cfg.latent_cache.mode
-    if mode == "off" or (mode == "auto" and need > cfg.latent_cache.max_bytes):
+    if mode == "never" or (mode == "auto" and need > cfg.latent_cache.max_bytes):
         logger.info(
             "latent cache off (mode=%s, needs %.1f MiB, budget %.1f MiB): encoding on the fly",
             mode,
@@ -198,6 +200,7 @@ def _build_cache(
         label_vocabs=data.loader.label_vocabs,
         atlas_uri=data.atlas_uri,
         shuffle=False,
+        batch_size=max(cfg.data.micro_batch_size, ENCODE_BATCH_SIZE),
     )
     total = len(loader)
 

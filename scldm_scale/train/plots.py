@@ -28,8 +28,12 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: str | Pa
     """
     plt = _pyplot()
     names = [n for n, points in history.items() if points]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    ncols = min(3, max(1, len(names)))
+    nrows = -(-max(1, len(names)) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         steps, values = zip(*history[name])
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, lw=1.2)
         ax.set_title(name)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
 from scldm_scale.config.data import DEMO_ATLAS
@@ -100,6 +98,7 @@ def run_vae(cfg: VAEExperimentConfig) -> RunResult:
         seed_everything(cfg.train.seed)
         data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
         model = build_vae(cfg.model, data.gene_vocab.num_genes)
+        n_params = num_parameters(model)  # before the engine shards it (ZeRO-3 leaves empty local tensors)
         engine = build_engine(
             cfg.engine,
             model,
@@ -110,7 +109,7 @@ def run_vae(cfg: VAEExperimentConfig) -> RunResult:
             grad_accum_steps=cfg.train.grad_accum_steps,
         )
         tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
-        log_run_start(tracker, cfg, dist, data, model)
+        log_run_start(tracker, cfg, dist, data, extra={"run.num_parameters": n_params})
         trainer = Trainer(
             engine=engine,
             step_fn=vae_step,
@@ -138,7 +137,7 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
 
     The autoencoder comes from `stage1.checkpoint` (a run_dir or one checkpoint) or `stage1.mlflow_run_id`;
     its gene vocabulary must be in the atlas. Latents are cached once when they fit `latent_cache.max_bytes`
-    (or with `latent_cache.mode=on`), else encoded on the fly every step.
+    (or with `latent_cache.mode=always`), else encoded on the fly every step.
     """
     dist = _init(cfg.train.device)
     tracker: MetricLogger = NullLogger()
@@ -149,6 +148,7 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
         data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
         loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
         dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
+        n_params = num_parameters(dit)
         engine = build_engine(
             cfg.engine,
             dit,
@@ -160,7 +160,13 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
         )
         ema = EMA(engine, decay=cfg.flow.ema_decay, warmup_steps=cfg.flow.ema_update_after_step)
         tracker = open_tracker(cfg, dist, tags=stage1.tags)
-        log_run_start(tracker, cfg, dist, data, dit, extra={"run.latent_cache": loader is not data.loader})
+        log_run_start(
+            tracker,
+            cfg,
+            dist,
+            data,
+            extra={"run.num_parameters": n_params, "run.latent_cache": loader is not data.loader},
+        )
         step_fn = functools.partial(ldm_step, vae=stage1.vae, latent_stats=stage1.latent_stats)
         trainer = Trainer(
             engine=engine,
@@ -245,7 +251,6 @@ def log_run_start(
     cfg: ExperimentConfig,
     dist: DistInfo,
     data: TrainingData,
-    model: nn.Module,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Rank 0: resolved config (params + artifact), run-time values, dataset input, gene vocabulary."""
@@ -264,7 +269,6 @@ def log_run_start(
         "run.num_cells": data.loader.num_cells,
         "run.cells_per_step": cells_per_step,
         "run.peak_lr": peak_lr(cfg.optim, dist.world_size),
-        "run.num_parameters": num_parameters(model),
         **(extra or {}),
     }
     logger.info("run: %s", ", ".join(f"{k.removeprefix('run.')}={v}" for k, v in runtime.items()))
