@@ -219,3 +219,14 @@ def test_cli_success_with_options(tmp_path, make_adata, write_h5ad, capsys):
     assert obs["tissue"].value_counts().to_dict() == {"lung": 15, "unknown": 15}
     assert main(["--atlas", atlas, path, "--fill", "tissue"]) == 2
     assert "--fill expects COLUMN=VALUE" in capsys.readouterr().err
+
+
+def test_genes_across_several_tiles_roundtrip(tmp_path, make_adata):
+    """> 2048 genes (two column tiles) and an append that permutes them: entries are put in global order."""
+    a = make_adata(n_cells=40, n_genes=4500, seed=11)
+    b = a[:, ::-1].copy()  # same genes, reversed: its columns map to decreasing atlas joinids
+    b.obs_names = [f"b{i}" for i in range(b.n_obs)]
+    ingest_anndata(str(tmp_path / "atlas"), [a, b], dataset_ids=["a", "b"], chunk_rows=15)
+    x = _read(str(tmp_path / "atlas"))[2]
+    np.testing.assert_array_equal(x[:40].toarray(), _dense(a))
+    np.testing.assert_array_equal(x[40:].toarray(), _dense(a))
