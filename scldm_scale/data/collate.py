@@ -64,31 +64,36 @@ def collate_rows(
     for block, rows in parts:
         starts = block.indptr[rows]
         lengths = block.indptr[rows + 1] - starts
-        base = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        offs = np.repeat(starts - base, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+        base = np.cumsum(lengths) - lengths
+        offs = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - base, lengths)
         lengths_l.append(lengths)
         tok_l.append(block.tokens[offs])
         cnt_l.append(block.counts[offs])
         jid_l.append(block.joinids[rows])
         lib_l.append(block.library_size[rows])
-    lengths = np.concatenate(lengths_l)
-    tokens = np.concatenate(tok_l)
-    counts = np.concatenate(cnt_l)
-    joinids = np.concatenate(jid_l)
+    lengths = np.concatenate(lengths_l) if len(parts) > 1 else lengths_l[0]
+    tokens = np.concatenate(tok_l) if len(parts) > 1 else tok_l[0]
+    counts = np.concatenate(cnt_l) if len(parts) > 1 else cnt_l[0]
+    joinids = np.concatenate(jid_l) if len(parts) > 1 else jid_l[0]
     n = len(lengths)
-    row_id = np.repeat(np.arange(n), lengths)
     truncated = np.zeros(n, dtype=bool)
     if max_tokens_per_cell is not None and n and lengths.max() > max_tokens_per_cell:
         truncated = lengths > max_tokens_per_cell
-        row_id, tokens, counts, lengths = _cap_tokens(
+        row_id = np.repeat(np.arange(n), lengths)
+        _, tokens, counts, lengths = _cap_tokens(
             row_id, tokens, counts, lengths, joinids, max_tokens_per_cell, cap_seed
         )
     width = max(1, int(lengths.max()) if n else 1)
-    col = np.arange(len(tokens)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    gene_ids = np.zeros((n, width), np.int64)
-    counts_bt = np.zeros((n, width), np.float32)
-    gene_ids[row_id, col] = tokens
-    counts_bt[row_id, col] = counts
+    # flat index of each token in the (n, width) matrix: row * width + rank within the row
+    base = np.cumsum(lengths) - lengths
+    flat = np.arange(len(tokens), dtype=np.int64) + np.repeat(
+        np.arange(n, dtype=np.int64) * width - base, lengths
+    )
+    gene_ids = np.zeros(n * width, np.int64)
+    counts_bt = np.zeros(n * width, np.float32)
+    gene_ids[flat] = tokens
+    counts_bt[flat] = counts
+    gene_ids, counts_bt = gene_ids.reshape(n, width), counts_bt.reshape(n, width)
     return {
         "gene_ids": torch.from_numpy(gene_ids),
         "counts": torch.from_numpy(counts_bt),

@@ -7,9 +7,11 @@ cuts the units' permuted cells into batches with `collate.collate_rows`. It neve
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 UNITS_IN_FLIGHT = 2
 """Load units a slot holds at once: the one being batched and the one being read (the prefetch)."""
+
+_live_prefetch: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_prefetch_threads() -> None:
+    """Let prefetch threads of abandoned iterators leave TileDB before the process exits (else C++ aborts)."""
+    for thread, stop in list(_live_prefetch.items()):
+        stop.set()
+        thread.join(timeout=60)
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ class SomaCellDataset(IterableDataset):
             daemon=True,
             name=f"soma-prefetch-r{s.rank}",
         )
+        _live_prefetch[thread] = stop
         thread.start()
         cap_seed = int(_mix(np.array([s.seed * 1_000_003 + self.epoch], np.uint64))[0])
         pending: list[tuple[_Unit, int, int]] = []  # (unit, start, stop) parts of the next batch

@@ -18,7 +18,7 @@ from scldm_scale.config.data import DEMO_ATLAS, SomaDataConfig
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
-from scldm_scale.data.reader import BYTES_PER_NNZ
+from scldm_scale.data.reader import BYTES_PER_NNZ, nnz_per_cell
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 from scldm_scale.utils.env import get_rank, get_world_size
 
@@ -298,11 +298,11 @@ def build_loader(
         if not (var_to_token > 0).any():
             raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
         obs = exp.obs.read(value_filter=vf, column_names=["soma_joinid", *cfg.label_columns]).concat()
-        X = exp.ms[cfg.measurement_name].X[cfg.layer_name]
-        nnz_per_cell = X.nnz / max(1, X.shape[0])
-    order = np.argsort(obs.column("soma_joinid").to_numpy(), kind="stable")
-    obs = obs.take(order)
-    obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
+        joinids = obs.column("soma_joinid").to_numpy()
+        if len(joinids) > 1 and np.any(joinids[1:] < joinids[:-1]):
+            obs = obs.take(np.argsort(joinids, kind="stable"))
+        obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
+        nnz = nnz_per_cell(exp.ms[cfg.measurement_name].X[cfg.layer_name], obs_joinids)
     if label_vocabs is None:
         label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in cfg.label_columns}
     labels = np.zeros((len(obs_joinids), len(cfg.label_columns)), np.int64)
@@ -313,7 +313,7 @@ def build_loader(
     if len(obs_joinids) == 0:
         logger.warning("value_filter %r selects no cells of %s", vf, uri)
     block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
-    bytes_per_cell = max(1.0, nnz_per_cell) * BYTES_PER_NNZ + 64
+    bytes_per_cell = nnz * BYTES_PER_NNZ + 64
     budget = cfg.memory_budget_mb * 2**20
     unit_cells = max(batch_size, int(budget / (max(1, num_workers) * 2 * bytes_per_cell)))
     spec = LoaderSpec(

@@ -33,19 +33,43 @@ class CellBlock:
         return sum(a.nbytes for a in (self.joinids, self.indptr, self.tokens, self.counts, self.library_size))
 
 
-def _decode(table, row_joinids: np.ndarray, var_to_token: np.ndarray, exact: bool):
-    """(row, token, count) of one read, rows indexing `row_joinids`; genes outside the vocabulary dropped."""
+class _TokenMap:
+    """var soma_joinid -> token id, with the fast paths of a vocabulary built from this atlas's var."""
+
+    def __init__(self, var_to_token: np.ndarray) -> None:
+        self.lut = var_to_token.astype(np.int32, copy=False)
+        self.identity = bool(np.array_equal(self.lut, np.arange(1, len(self.lut) + 1)))
+        self.all_in_vocab = bool((self.lut > 0).all())
+
+    def __call__(self, d1: np.ndarray) -> np.ndarray:
+        if self.identity:  # token = var joinid + 1: skip the gather
+            tok = d1.astype(np.int32)
+            tok += 1
+            return tok
+        return self.lut[d1]
+
+
+def _decode(table, group: np.ndarray, tokens: _TokenMap):
+    """(cells' token counts, tokens, counts) of one read for the wanted cells `group` (ascending joinids)."""
     d0 = table.column("soma_dim_0").to_numpy()
     d1 = table.column("soma_dim_1").to_numpy()
     val = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
-    tok = var_to_token[d1]
-    row = np.searchsorted(row_joinids, d0)
-    keep = tok > 0
-    if not exact:  # a slice read returns cells between the wanted ones (other splits of the filter)
-        inside = row < len(row_joinids)
-        keep &= inside
-        keep[inside] &= row_joinids[row[inside]] == d0[inside]
-    return row[keep], tok[keep], val[keep]
+    if len(d0) > 1 and np.any(d0[1:] < d0[:-1]):  # result order of a sparse read is not guaranteed
+        order = np.argsort(d0, kind="stable")
+        d0, d1, val = d0[order], d1[order], val[order]
+    left = np.searchsorted(d0, group, "left")
+    lengths = np.searchsorted(d0, group, "right") - left
+    total = int(lengths.sum())
+    if total != len(d0):  # a slice read also returns cells between the wanted ones (other splits)
+        idx = np.arange(total, dtype=np.int64) + np.repeat(left - (np.cumsum(lengths) - lengths), lengths)
+        d1, val = d1[idx], val[idx]
+    tok = tokens(d1)
+    if not tokens.all_in_vocab:  # drop genes outside the vocabulary, then recount per cell
+        keep = tok > 0
+        kept = np.concatenate([[0], np.cumsum(keep)])
+        lengths = np.diff(kept[np.concatenate([[0], np.cumsum(lengths)])])
+        tok, val = tok[keep], val[keep]
+    return lengths, tok, val
 
 
 def read_block(
@@ -56,28 +80,37 @@ def read_block(
     Joinids are read in groups of up to `chunk_cells`: a group whose span is short is read as one slice
     (fast contiguous read, unwanted cells filtered out), a sparse group as a point read.
     """
-    rows_l, toks_l, vals_l = [], [], []
-    n = len(joinids)
-    for lo in range(0, n, chunk_cells):
+    tokens = var_to_token if isinstance(var_to_token, _TokenMap) else _TokenMap(var_to_token)
+    len_l, tok_l, val_l = [], [], []
+    for lo in range(0, len(joinids), chunk_cells):
         group = joinids[lo : lo + chunk_cells]
         span = int(group[-1] - group[0]) + 1
-        if span <= SLICE_SPAN_FACTOR * len(group):
-            coords, exact = (slice(int(group[0]), int(group[-1])),), span == len(group)
-        else:
-            coords, exact = (group,), True
+        coords = (
+            (slice(int(group[0]), int(group[-1])),) if span <= SLICE_SPAN_FACTOR * len(group) else (group,)
+        )
         table = X.read(coords=coords).tables().concat()
-        row, tok, val = _decode(table, group, var_to_token, exact)
+        lengths, tok, val = _decode(table, group, tokens)
         del table
-        rows_l.append(row + lo)
-        toks_l.append(tok)
-        vals_l.append(val)
-    row = np.concatenate(rows_l) if rows_l else np.zeros(0, np.int64)
-    tok = np.concatenate(toks_l) if toks_l else np.zeros(0, np.int32)
-    val = np.concatenate(vals_l) if vals_l else np.zeros(0, np.float32)
-    if len(row) > 1 and np.any(row[1:] < row[:-1]):  # result order of a sparse read is not guaranteed
-        order = np.argsort(row, kind="stable")
-        row, tok, val = row[order], tok[order], val[order]
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(row, minlength=n), out=indptr[1:])
-    library = np.bincount(row, weights=val, minlength=n).astype(np.float32)
-    return CellBlock(joinids.astype(np.int64), indptr, tok.astype(np.int32, copy=False), val, library)
+        len_l.append(lengths)
+        tok_l.append(tok)
+        val_l.append(val)
+    lengths = np.concatenate(len_l) if len_l else np.zeros(0, np.int64)
+    tok = np.concatenate(tok_l) if tok_l else np.zeros(0, np.int32)
+    val = np.concatenate(val_l) if val_l else np.zeros(0, np.float32)
+    indptr = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    library = np.zeros(len(lengths), np.float32)
+    nonempty = lengths > 0
+    if nonempty.any():  # float64 sums: exact for integer counts
+        library[nonempty] = np.add.reduceat(val, indptr[:-1][nonempty], dtype=np.float64)
+    return CellBlock(joinids.astype(np.int64), indptr, tok, val, library)
+
+
+def nnz_per_cell(X: tiledbsoma.SparseNDArray, joinids: np.ndarray, sample_cells: int = 512) -> float:
+    """Mean non-zeros per cell over the first `sample_cells` wanted cells (cheap: `X.nnz` scans fragments)."""
+    if len(joinids) == 0:
+        return 1.0
+    sample = joinids[:sample_cells]
+    table = X.read(coords=(slice(int(sample[0]), int(sample[-1])),)).tables().concat()
+    span = int(sample[-1] - sample[0]) + 1
+    return max(1.0, table.num_rows / span)

@@ -19,7 +19,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch():
     assert not np.array_equal(a, _order(1).sequence())
     assert not np.array_equal(a, _order(0, seed=8).sequence())
     # golden prefix: a change of the order is a deliberate, visible change
-    assert a[:6].tolist() == [458, 156, 134, 138, 714, 343]
+    assert a[:6].tolist() == [458, 452, 475, 465, 476, 479]
 
 
 def test_unshuffled_order_is_sequential():

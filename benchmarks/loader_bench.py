@@ -1,0 +1,243 @@
+"""Loader benchmark: scldm_scale's SOMA loader vs tiledbsoma_ml.ExperimentDataset vs a sequential scan of X.
+
+    python benchmarks/loader_bench.py --cells 200000 --json benchmarks/out/loader.json
+
+The atlas is synthetic (`data_pipelines.synthetic_atlas`): N cells x 2,000 genes in 8 datasets stored one after
+another, built once and cached under --cache. Each loader runs one epoch over all cells with batches of 256
+in its own process (RSS is per loader and tiledbsoma_ml's spawn start method stays out of the others).
+Per loader: cells_per_s (steady state, after the first batch), first_batch_s (from construction), peak_rss_mb
+(the process and its workers, sampled every 20 ms), shuffle_quality (mean entropy of dataset_id within a batch
+over that of uniformly random batches of the same size; 1.0 is as good as random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entropy(ids: np.ndarray, k: int) -> float:
+    p = np.bincount(ids, minlength=k) / len(ids)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+class _RssPeak:
+    """Peak RSS of this process plus its children, sampled in a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _sample(self) -> int:
+        total = self.proc.memory_info().rss
+        for c in self.proc.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except Exception:  # a worker that just exited
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._sample())
+        return self.peak / 2**20
+
+
+def _obs_dataset(uri: str) -> tuple[np.ndarray, int]:
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(uri) as exp:
+        t = exp.obs.read(column_names=["soma_joinid", "dataset_id"]).concat().to_pandas()
+    codes = t["dataset_id"].astype("category").cat.codes.to_numpy()
+    out = np.zeros(int(t["soma_joinid"].max()) + 1, np.int64)
+    out[t["soma_joinid"].to_numpy()] = codes
+    return out, int(codes.max()) + 1
+
+
+def _batches_scldm(uri: str, batch_size: int, workers: int, budget_mb: int):
+    from scldm_scale.config.data import SomaDataConfig
+    from scldm_scale.data import build_loader
+
+    cfg = SomaDataConfig(
+        atlas_uri=uri,
+        value_filter=None,
+        micro_batch_size=batch_size,
+        seed=0,
+        label_columns=["dataset_id"],
+        num_workers=workers,
+        memory_budget_mb=budget_mb,
+    )
+    for batch in build_loader(cfg, rank=0, world_size=1):
+        yield batch["soma_joinid"].numpy()
+
+
+def _batches_tiledbsoma_ml(uri: str, batch_size: int, workers: int, budget_mb: int):
+    import tiledbsoma
+    from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+    with tiledbsoma.Experiment.open(uri) as exp, exp.axis_query("RNA") as query:
+        ds = ExperimentDataset(query, layer_name="raw", batch_size=batch_size, shuffle=True, seed=0)
+        for _X, obs in experiment_dataloader(ds, num_workers=workers):
+            yield obs["soma_joinid"].to_numpy()
+
+
+SCAN_CELLS = 8192
+"""Cells per contiguous read of the sequential scan (32 batches: the steady state is measurable)."""
+
+
+def _batches_scan(uri: str, batch_size: int, workers: int, budget_mb: int):
+    """Read X in storage order, contiguous slices of SCAN_CELLS, no decode: the storage ceiling."""
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(uri) as exp:
+        X = exp.ms["RNA"].X["raw"]
+        n = X.shape[0]
+        for lo in range(0, n, SCAN_CELLS):
+            hi = min(n, lo + SCAN_CELLS)
+            for _ in X.read(coords=(slice(lo, hi - 1),)).tables():
+                pass
+            for b in range(lo, hi, batch_size):
+                yield np.arange(b, min(b + batch_size, hi))
+
+
+LOADERS = {
+    "scldm_scale": _batches_scldm,
+    "tiledbsoma_ml": _batches_tiledbsoma_ml,
+    "sequential_scan": _batches_scan,
+}
+
+
+IMPORTS = {
+    "scldm_scale": ["torch", "tiledbsoma", "scldm_scale.data"],
+    "tiledbsoma_ml": ["torch", "tiledbsoma", "tiledbsoma_ml"],
+    "sequential_scan": ["tiledbsoma"],
+}
+
+
+def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) -> dict:
+    import importlib
+
+    for module in IMPORTS[name]:  # process start-up is not the loader's first batch
+        importlib.import_module(module)
+    dataset, k = _obs_dataset(uri)
+    rss = _RssPeak()
+    t0 = time.perf_counter()
+    first = None
+    cells_after_first = 0
+    ent = []
+    for joinids in LOADERS[name](uri, batch_size, workers, budget_mb):
+        if first is None:
+            first = time.perf_counter()
+        else:
+            cells_after_first += len(joinids)
+        ent.append(_entropy(dataset[joinids], k))
+    end = time.perf_counter()
+    peak = rss.stop()
+    rng = np.random.default_rng(0)
+    rand = np.mean(
+        [_entropy(dataset[rng.choice(len(dataset), batch_size, replace=False)], k) for _ in range(500)]
+    )
+    return {
+        "cells_per_s": round(cells_after_first / max(end - first, 1e-9), 1),
+        "first_batch_s": round(first - t0, 3),
+        "peak_rss_mb": round(peak, 1),
+        "shuffle_quality": round(float(np.mean(ent) / rand), 4),
+        "num_workers": workers,
+        "batches": len(ent),
+    }
+
+
+def ensure_atlas(cache: Path, cells: int, genes: int, datasets: int) -> str:
+    uri = cache / f"synth_{cells}x{genes}_k{datasets}_s0"
+    if not uri.exists():
+        from data_pipelines.synthetic_atlas import write_synthetic_atlas
+
+        cache.mkdir(parents=True, exist_ok=True)
+        write_synthetic_atlas(str(uri), n_cells=cells, n_genes=genes, n_datasets=datasets, seed=0)
+    return str(uri)
+
+
+def _child(name: str, uri: str, args: argparse.Namespace, workers: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        name,
+        "--atlas",
+        uri,
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(workers),
+        "--budget-mb",
+        str(args.budget_mb),
+    ]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", type=int, default=200_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--datasets", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--budget-mb", type=int, default=1024, help="data.memory_budget_mb of the scldm_scale loader"
+    )
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the headline runs")
+    p.add_argument(
+        "--rss-workers", default="0,1,2", help="scldm_scale worker counts checked against the budget"
+    )
+    p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/scldm_scale/bench")))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--one", choices=sorted(LOADERS), help=argparse.SUPPRESS)
+    p.add_argument("--atlas", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.atlas, args.batch_size, args.workers, args.budget_mb)))
+        return 0
+    uri = ensure_atlas(args.cache, args.cells, args.genes, args.datasets)
+    result: dict = {"cells": args.cells, "loaders": {}}
+    for name in ("sequential_scan", "scldm_scale", "tiledbsoma_ml"):
+        result["loaders"][name] = _child(name, uri, args, args.workers)
+        print(name, result["loaders"][name], file=sys.stderr, flush=True)
+    budget = {"memory_budget_mb": args.budget_mb, "runs": {}}
+    for w in [int(x) for x in args.rss_workers.split(",") if x != ""]:
+        r = _child("scldm_scale", uri, args, w)
+        budget["runs"][str(w)] = {k: r[k] for k in ("cells_per_s", "first_batch_s", "peak_rss_mb")}
+        print("scldm_scale workers", w, r, file=sys.stderr, flush=True)
+    result["scldm_scale_memory"] = budget
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
