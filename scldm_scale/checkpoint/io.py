@@ -202,7 +202,12 @@ def load_checkpoint(
         )
     engine.load(ckpt_dir, tensors=tensors or {})
     state = json.loads((ckpt_dir / STATE_FILE).read_text())
-    engine.lr_scheduler.load_state_dict(state[LR_SCHEDULER])
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(state[LR_SCHEDULER])
+    # Engines that rebuild optimizer state without its param_groups would keep step-0 LRs until the next
+    # scheduler step; the scheduler's last LRs are the saved ones.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     rank, world_size = get_rank(), get_world_size()
     if meta["world_size"] == world_size:
         set_rng_state(torch.load(ckpt_dir / "rng" / f"rank-{rank:05d}.pt", weights_only=True))

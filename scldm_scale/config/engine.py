@@ -18,6 +18,8 @@ class EngineConfig:
     """FSDP2: free unsharded params after forward (ZeRO-3 like); False keeps them until backward (ZeRO-2 like)."""
     zero_bucket_size: int = 50_000_000
     """DeepSpeed: elements per reduce / all-gather bucket (reduce_bucket_size, allgather_bucket_size)."""
+    zero_reshardable_checkpoints: bool = True
+    """DeepSpeed ZeRO-1/2/3: also store full fp32 params + Adam moments (rank 0) so a resume may change world size."""
     zero_overlap_comm: bool = False
     """DeepSpeed ZeRO-1/2/3: overlap gradient reduction with backward (worth it on GPUs)."""
 

@@ -8,6 +8,9 @@ Choices, and why:
 - Skipping a step: the inner AdamW's `step` is gated off for one `engine.step()` call; DeepSpeed still
   runs its bookkeeping (clip, zero_grad, counters) but weights and moments stay untouched.
 - ZeRO-0 also stores the fp32 model in that safetensors file (zero_to_fp32 does not read stage 0).
+- DeepSpeed refuses to load ZeRO-1/2/3 optimizer shards at another data-parallel world size. With
+  `engine.zero_reshardable_checkpoints` (default) rank 0 also stores full fp32 params and Adam moments
+  (`reshard/*` in the safetensors file), from which a resume at any world size restores the exact state.
 - Extra tensors (EMA) are consolidated to full fp32 and written by rank 0 as safetensors, so they load at
   any world size even for ZeRO-3 partitions.
 """
@@ -37,6 +40,8 @@ DS_TAG = "engine"
 """DeepSpeed checkpoint tag (one per checkpoint directory)."""
 TENSORS_FILE = "tensors.safetensors"
 """Consolidated extra tensors (EMA), written by rank 0."""
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+"""Per-parameter optimizer state kept in the world-size independent copy."""
 
 
 def import_deepspeed():
@@ -96,6 +101,7 @@ class DeepSpeedEngine:
         self.device = device
         self.grad_clip_norm = grad_clip_norm
         self.grad_accum_steps = grad_accum_steps
+        self.reshardable = cfg.zero_reshardable_checkpoints
         model = model.to(device)
         wanted = set(trainable)
         params = [p for n, p in model.named_parameters() if clean_name(n) in wanted]
@@ -108,6 +114,7 @@ class DeepSpeedEngine:
             cfg, stage=stage, grad_clip_norm=grad_clip_norm, grad_accum_steps=grad_accum_steps, precision=precision
         )
         self.model, self.optimizer, _, _ = self._ds.initialize(model=model, optimizer=basic, config=config)
+        self._basic = basic
         self._module = self.model.module
         self._params = {clean_name(n): p for n, p in self._module.named_parameters() if clean_name(n) in wanted}
         if precision == "bf16":
@@ -222,25 +229,99 @@ class DeepSpeedEngine:
         if self.stage == 0:
             # zero_to_fp32 cannot read stage 0; weights are replicated anyway, so store the fp32 masters.
             flat.update({f"model/{n}": t.contiguous() for n, t in self.full_state_dict().items()})
+        elif self.reshardable:
+            flat.update(self._reshard_state())
         for key, group in tensors.items():
             for name, t in self.gather_full(group).items():
                 flat[f"{key}/{name}"] = t.contiguous()
         if dist.get_rank() == 0 and flat:
             save_file(flat, str(path / TENSORS_FILE))
 
+    def _reshard_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 params and Adam moments (collective per parameter; every rank ends up with them)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {}
+        for name, p in self._params.items():
+            out[f"reshard/param/{name}"] = safe_get_full_fp32_param(p).float().cpu().contiguous()
+            for key in ADAM_KEYS:
+                out[f"reshard/{key}/{name}"] = safe_get_full_optimizer_state(p, key).float().cpu().contiguous()
+        steps = [st["step"] for st in self._basic.state.values() if "step" in st]
+        out["reshard/step"] = torch.as_tensor(steps[0] if steps else 0.0, dtype=torch.float32).reshape(1)
+        return out
+
     def load(self, path: Path, *, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         from safetensors.torch import load_file
 
         path = Path(path)
-        load_path, _ = self.model.load_checkpoint(
-            str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_DIR}")
+        saved_world = len(list((path / DS_DIR / DS_TAG).glob("*optim_states.pt")))
+        if self.stage > 0 and saved_world != dist.get_world_size():
+            self._load_resharded(path, saved_world)
+        else:
+            load_path, _ = self.model.load_checkpoint(
+                str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if load_path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / DS_DIR}")
         if tensors:
             flat = load_file(str(path / TENSORS_FILE))
             for key, group in tensors.items():
                 self._scatter_full({n: flat[f"{key}/{n}"] for n in group}, group)
+
+
+    def _load_resharded(self, path: Path, saved_world: int) -> None:
+        """Restore from the world-size independent copy (params, Adam moments and step; frozen tensors)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
+        if "reshard/step" not in flat:
+            raise NotImplementedError(
+                f"checkpoint {path} was written by {saved_world} ranks without engine.zero_reshardable_checkpoints; "
+                f"resume it with {saved_world} ranks, or start a new run from load_model_weights"
+            )
+        logger.warning("DeepSpeed checkpoint from %d ranks: restoring from the consolidated copy", saved_world)
+        self._ensure_optimizer_state()
+        for name, p in self._params.items():
+            value = flat[f"reshard/param/{name}"].to(self.device)
+            safe_set_full_fp32_param(p, value)
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, flat[f"reshard/{key}/{name}"].to(self.device), key)
+            # The low-precision / replicated model copy is refreshed from the masters only at the next
+            # step, so set it too; ZeRO-3 re-partitions it when the gather context exits.
+            with self._ds.zero.GatheredParameters([p], modifier_rank=0, enabled=self.stage == 3):
+                if dist.get_rank() == 0 or self.stage != 3:
+                    p.data.copy_(value.view_as(p.data))
+        for state in self._basic.state.values():
+            if "step" in state:
+                state["step"] = flat["reshard/step"].reshape(()).clone().to(state["step"].device)
+        frozen = [n for n, _ in self._module.named_parameters() if clean_name(n) not in self._params]
+        if frozen or list(self._module.buffers()):
+            self._load_frozen_and_buffers(path)
+
+    def _ensure_optimizer_state(self) -> None:
+        """AdamW creates its state at the first step; DeepSpeed links its fragments after it. Do both now."""
+        for group in self._basic.param_groups:
+            for p in group["params"]:
+                state = self._basic.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+
+    def _load_frozen_and_buffers(self, path: Path) -> None:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(path / DS_DIR), tag=DS_TAG)
+        for name, p in self._module.named_parameters():
+            if clean_name(name) not in self._params:
+                with self._ds.zero.GatheredParameters([p], modifier_rank=0, enabled=self.stage == 3):
+                    p.data.copy_(full[clean_name(name)].view_as(p.data))
+        for name, buf in self._module.named_buffers():
+            buf.copy_(full[clean_name(name)].view_as(buf))
 
 
 def _cast_inputs_bf16(module: nn.Module, args, kwargs):

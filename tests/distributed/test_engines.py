@@ -58,6 +58,44 @@ def _train(engine_name, run_dir, *, rank, world, precision="fp32", accum=1, ema=
     return out
 
 
+class NaNOnRank1AtCall:
+    """step_fn that returns a NaN loss on rank 1 at one call (so only one rank sees it)."""
+
+    def __init__(self, rank, bad_call):
+        self.rank, self.bad_call, self.calls = rank, bad_call, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        out = toy_step(model, batch)
+        if self.rank == 1 and self.calls == self.bad_call:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def _nonfinite(engine_name, run_dir, *, rank, world, policy):
+    engine = build_engine(EngineConfig(name=engine_name), build_toy_model(seed=0), optim_cfg=OPTIM, max_steps=4,
+                          device="cpu")
+    trainer = Trainer(
+        engine=engine, step_fn=NaNOnRank1AtCall(rank, bad_call=3), loader=ToyLoader(MICRO, rank, world),
+        logger=ListLogger(), cfg_train=TrainConfig(max_steps=4, nonfinite=policy, enable_progress_bar=False),
+        cfg_ckpt=CheckpointConfig(interval_steps=100, resume="never"), run_dir=run_dir, manifest={},
+    )
+    if policy == "stop":
+        try:
+            trainer.train()
+        except FloatingPointError as exc:
+            return str(exc)
+        return "no error"
+    trainer.train(until_step=2)
+    before = engine.full_state_dict()
+    skipped = trainer.train(until_step=3)
+    after_skip = engine.full_state_dict()
+    result = trainer.train()
+    unchanged = all(torch.equal(before[k], after_skip[k]) for k in before)
+    return {"losses": skipped.losses + result.losses, "skipped": result.skipped_steps, "unchanged": unchanged,
+            "final_step": result.final_step}
+
+
 def _engines_worker(rank, world, tmp_path):
     # All engines in one spawn: process start-up (torch + deepspeed imports) dominates on 2 shared cores.
     out = {}
@@ -67,6 +105,8 @@ def _engines_worker(rank, world, tmp_path):
             "fp32": _train(name, root / "fp32", rank=rank, world=world, ema=True),
             "accum": _train(name, root / "accum", rank=rank, world=world, accum=2),
             "bf16": _train(name, root / "bf16", rank=rank, world=world, precision="bf16", steps=12),
+            "skip": _nonfinite(name, root / "skip", rank=rank, world=world, policy="skip"),
+            "stop": _nonfinite(name, root / "stop", rank=rank, world=world, policy="stop"),
         }
     return out
 
@@ -144,3 +184,14 @@ def test_engine_trains_matches_reference_and_exports(engine_name, engine_runs, r
     assert meta2 == meta and (tmp_path / "export" / "model.manifest.json").is_file()
     for name, value in state.items():
         assert torch.equal(state2[name], value)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_nonfinite_step_is_skipped_or_stops_on_every_rank(engine_name, engine_runs):
+    _, results = engine_runs
+    for rank_result in results:  # rank 0 never saw the NaN itself: the decision is collective
+        skip = rank_result[engine_name]["skip"]
+        assert skip["skipped"] == 1 and skip["final_step"] == 4 and skip["unchanged"]
+        assert not math.isfinite(skip["losses"][0]) and all(math.isfinite(v) for v in skip["losses"][1:])
+        stop = rank_result[engine_name]["stop"]
+        assert "non-finite loss or gradient norm at step 3" in stop and "train.nonfinite=skip" in stop
