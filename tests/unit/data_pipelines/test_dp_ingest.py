@@ -230,3 +230,37 @@ def test_genes_across_several_tiles_roundtrip(tmp_path, make_adata):
     x = _read(str(tmp_path / "atlas"))[2]
     np.testing.assert_array_equal(x[:40].toarray(), _dense(a))
     np.testing.assert_array_equal(x[40:].toarray(), _dense(a))
+
+
+def test_sigkill_mid_write_leaves_old_atlas(base_atlas, make_adata, write_h5ad, tree_hash, tmp_path):
+    """A real crash: the writer is SIGKILLed after its first X chunk reached the staging copy."""
+    import signal
+    import time
+
+    path = write_h5ad(make_adata(n_cells=40, seed=12), "victim")
+    flag = tmp_path / "wrote_one_chunk"
+    code = (
+        "import sys, time, pathlib, data_pipelines.ingest as m\n"
+        "real = m.write_x\n"
+        "def slow(*a, **k):\n"
+        "    real(*a, **k); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)\n"
+        "m.write_x = slow\n"
+        "m.main(['--atlas', sys.argv[2], sys.argv[3], '--chunk-rows', '10'])\n"
+    )
+    before = tree_hash(base_atlas)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(flag), base_atlas, path], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "writer did not reach its first chunk"
+            time.sleep(0.05)
+        parent = os.path.dirname(base_atlas)
+        assert [e for e in os.listdir(parent) if ".staging-" in e], "expected a half-written staging copy"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert tree_hash(base_atlas) == before
+    # The next writer removes the dead staging copy and appends normally.
+    ingest_h5ads(base_atlas, [path])
+    assert not [e for e in os.listdir(parent) if ".staging-" in e]
+    assert _read(base_atlas)[0]["dataset_id"].tolist()[-40:] == ["victim"] * 40
