@@ -149,6 +149,28 @@ def _sample_block(
     return block
 
 
+_OBS_COLUMNS = ("obs_id", "dataset_id", "cell_type", "split")
+_SPLITS = np.array(["train", "val", "test"], dtype=object)
+
+
+def _sample_chunk(
+    rng: np.random.Generator, model: NBModel, props: np.ndarray, mu: np.ndarray, theta: np.ndarray, n: int
+) -> tuple[dict[str, np.ndarray], sp.csr_matrix]:
+    """Cell types, size factors, counts (in blocks of <= _BLOCK_VALUES values) and splits of `n` new cells."""
+    cell_type = rng.choice(len(props), size=n, p=props)
+    size = rng.choice(model.size_factors, size=n)
+    block = max(1, _BLOCK_VALUES // mu.shape[1])
+    counts = sp.vstack(
+        [
+            _sample_block(rng, cell_type[i : i + block], size[i : i + block], mu, theta)
+            for i in range(0, n, block)
+        ],
+        format="csr",
+    )
+    split = rng.choice(_SPLITS, size=n, p=[0.8, 0.1, 0.1])
+    return {"cell_type": model.clusters[cell_type].astype(object), "split": split}, counts
+
+
 def _dataset_sizes(n_cells: int, n_datasets: int) -> list[int]:
     return [len(a) for a in np.array_split(np.arange(n_cells), n_datasets)]
 
@@ -195,7 +217,7 @@ def write_synthetic_atlas(
         create_atlas(
             target,
             ctx,
-            obs_columns=["obs_id", "dataset_id", "cell_type", "split"],
+            obs_columns=list(_OBS_COLUMNS),
             n_obs=n_cells,
             n_vars=n_genes,
         )
@@ -208,32 +230,13 @@ def write_synthetic_atlas(
                 mu_d = mu * np.exp(rng.normal(0.0, 0.1, size=n_genes))
                 for start in range(0, n, chunk_cells):
                     m = min(chunk_cells, n - start)
-                    cell_type = rng.choice(len(props), size=m, p=props)
-                    size = rng.choice(model.size_factors, size=m)
-                    block = max(1, _BLOCK_VALUES // n_genes)
-                    chunk = sp.vstack(
-                        [
-                            _sample_block(rng, cell_type[i : i + block], size[i : i + block], mu_d, theta)
-                            for i in range(0, m, block)
-                        ],
-                        format="csr",
+                    obs, chunk = _sample_chunk(rng, model, props, mu_d, theta, m)
+                    obs["obs_id"] = np.array(
+                        [f"{dataset_id}_c{i:09d}" for i in range(start, start + m)], dtype=object
                     )
-                    split = rng.choice(
-                        np.array(["train", "val", "test"], dtype=object), size=m, p=[0.8, 0.1, 0.1]
-                    )
+                    obs["dataset_id"] = np.full(m, dataset_id, dtype=object)
                     first = offset + start
-                    write_obs(
-                        exp,
-                        first,
-                        {
-                            "obs_id": np.array(
-                                [f"{dataset_id}_c{i:09d}" for i in range(start, start + m)], dtype=object
-                            ),
-                            "dataset_id": np.full(m, dataset_id, dtype=object),
-                            "cell_type": model.clusters[cell_type].astype(object),
-                            "split": split,
-                        },
-                    )
+                    write_obs(exp, first, {c: obs[c] for c in _OBS_COLUMNS})
                     coo = chunk.tocoo()
                     write_x(exp, coo.row.astype(np.int64) + first, coo.col, coo.data)
                     n_cells_per_gene += np.bincount(coo.col, minlength=n_genes)
