@@ -32,7 +32,7 @@ and worker are known; `SomaLoader.state_dict()` stores the pieces left (plain JS
 re-partitions exactly those cells over the new world size and workers: nothing lost, nothing repeated.
 """
 
-from scldm_scale.data.collate import collate_rows
+from scldm_scale.data.collate import PackedBatch, collate_rows, pack_rows, unpack_batch
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
 from scldm_scale.data.loader import (
@@ -55,6 +55,7 @@ __all__ = [
     "GeneVocab",
     "LabelVocab",
     "LoaderSpec",
+    "PackedBatch",
     "SomaCellDataset",
     "SomaLoader",
     "build_gene_vocab",
@@ -64,5 +65,7 @@ __all__ = [
     "library_size_stats",
     "make_soma_context",
     "open_experiment",
+    "pack_rows",
     "read_block",
+    "unpack_batch",
 ]

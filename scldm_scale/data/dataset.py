@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from scldm_scale.data.collate import _mix, collate_rows
+from scldm_scale.data.collate import PackedBatch, _mix, pack_rows
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
 from scldm_scale.data.reader import CellBlock, read_block
@@ -77,10 +76,11 @@ class _Unit:
 
 
 class SomaCellDataset(IterableDataset):
-    """Iterable of batch dicts for one rank; under a DataLoader each worker yields its own slot's batches.
+    """Iterable of `PackedBatch`es for one rank; under a DataLoader each worker yields its own slot's batches.
 
-    Use through `SomaLoader` (which owns epochs and the resumable state), or with
-    `DataLoader(ds, batch_size=None, num_workers=spec.num_workers)` after `set_work(...)`.
+    Use through `SomaLoader` (which owns epochs and the resumable state, and unpacks), or with
+    `DataLoader(ds, batch_size=None, num_workers=spec.num_workers)` after `set_work(...)`, calling
+    `unpack_batch` on what it yields (in the consumer: padded tensors are costly to send between processes).
     """
 
     def __init__(self, spec: LoaderSpec) -> None:
@@ -112,7 +112,7 @@ class SomaCellDataset(IterableDataset):
         )
         return rows[s.rank][worker]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if num_workers != max(1, self.spec.num_workers):
@@ -166,7 +166,7 @@ class SomaCellDataset(IterableDataset):
         except BaseException as exc:  # handed to the consumer, which re-raises it: never swallowed
             out.put(exc)
 
-    def _batches(self, slot: Slot) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, slot: Slot) -> Iterator[PackedBatch]:
         s = self.spec
         if slot.num_batches == 0:
             return
@@ -210,11 +210,11 @@ class SomaCellDataset(IterableDataset):
             stop.set()
             thread.join(timeout=30)
 
-    def _collate(self, pending: list[tuple[_Unit, int, int]], cap_seed: int) -> dict[str, torch.Tensor]:
+    def _collate(self, pending: list[tuple[_Unit, int, int]], cap_seed: int) -> PackedBatch:
         positions = np.concatenate([u.positions[a:b] for u, a, b in pending])
         is_pad = np.concatenate([np.full(b - a, u.is_padding) for u, a, b in pending])
         parts = [(u.block, u.rows[a:b]) for u, a, b in pending]
-        return collate_rows(
+        return pack_rows(
             parts,
             self.spec.labels[positions],
             is_pad,

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scldm_scale.config.data import DEMO_ATLAS, SomaDataConfig
+from scldm_scale.data.collate import unpack_batch
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
@@ -192,11 +193,12 @@ class SomaLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 multiprocessing_context=self._mp_context,
-                prefetch_factor=1,
+                prefetch_factor=4,
             )
         else:
             source = self.dataset
-        for batch in source:
+        for packed in source:
+            batch = unpack_batch(packed)
             self._consumed += 1
             if self._consumed == expected:
                 self._complete = True
