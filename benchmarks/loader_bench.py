@@ -33,36 +33,43 @@ def _entropy(ids: np.ndarray, k: int) -> float:
 
 
 class _RssPeak:
-    """Peak RSS of this process plus its children, sampled in a thread."""
+    """Peak memory of this process plus its workers, sampled in a thread every 50 ms.
+
+    RSS counts pages shared by forked workers (torch, TileDB libraries) once per process; PSS (Linux) splits
+    them among the sharers, so the PSS sum is the memory the process tree really holds.
+    """
 
     def __init__(self) -> None:
         import psutil
 
         self.proc = psutil.Process()
-        self.peak = 0
+        self.peak_rss = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
-    def _sample(self) -> int:
-        total = self.proc.memory_info().rss
-        for c in self.proc.children(recursive=True):
+    def _sample(self) -> tuple[int, int]:
+        rss = pss = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                total += c.memory_info().rss
+                info = p.memory_full_info()
             except Exception:  # a worker that just exited
-                pass
-        return total
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(0.02)
+            rss, pss = self._sample()
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            time.sleep(0.05)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self._sample())
-        return self.peak / 2**20
+        return self.peak_rss / 2**20, self.peak_pss / 2**20
 
 
 def _obs_dataset(uri: str) -> tuple[np.ndarray, int]:
@@ -154,7 +161,7 @@ def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) 
             cells_after_first += len(joinids)
         ent.append(_entropy(dataset[joinids], k))
     end = time.perf_counter()
-    peak = rss.stop()
+    peak_rss, peak_pss = rss.stop()
     rng = np.random.default_rng(0)
     rand = np.mean(
         [_entropy(dataset[rng.choice(len(dataset), batch_size, replace=False)], k) for _ in range(500)]
@@ -162,7 +169,8 @@ def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) 
     return {
         "cells_per_s": round(cells_after_first / max(end - first, 1e-9), 1),
         "first_batch_s": round(first - t0, 3),
-        "peak_rss_mb": round(peak, 1),
+        "peak_rss_mb": round(peak_rss, 1),
+        "peak_pss_mb": round(peak_pss, 1),
         "shuffle_quality": round(float(np.mean(ent) / rand), 4),
         "num_workers": workers,
         "batches": len(ent),
@@ -228,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = {"memory_budget_mb": args.budget_mb, "runs": {}}
     for w in [int(x) for x in args.rss_workers.split(",") if x != ""]:
         r = _child("scldm_scale", uri, args, w)
-        budget["runs"][str(w)] = {k: r[k] for k in ("cells_per_s", "first_batch_s", "peak_rss_mb")}
+        budget["runs"][str(w)] = {
+            k: r[k] for k in ("cells_per_s", "first_batch_s", "peak_rss_mb", "peak_pss_mb")
+        }
         print("scldm_scale workers", w, r, file=sys.stderr, flush=True)
     result["scldm_scale_memory"] = budget
     text = json.dumps(result, indent=2)
