@@ -182,14 +182,14 @@ class DeepSpeedEngine:
 
     def gather_full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.stage != 3:
-            return {n: t.detach().float().cpu() for n, t in tensors.items()}
+            return {n: _copy_fp32_cpu(t) for n, t in tensors.items()}
         out = {}
         world = dist.get_world_size()
         for name, shard in tensors.items():
             p = self._params[name]
             parts = [torch.empty_like(shard) for _ in range(world)]
             dist.all_gather(parts, shard.detach().contiguous())
-            out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).float().cpu()
+            out[name] = _copy_fp32_cpu(torch.cat(parts)[: p.ds_numel].view(p.ds_shape))
         return out
 
     def _scatter_full(self, full: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:
@@ -214,10 +214,10 @@ class DeepSpeedEngine:
             full = safe_get_full_fp32_param(p) if name in self._params else None
             if full is None:
                 with self._ds.zero.GatheredParameters([p], enabled=self.stage == 3):
-                    full = p.detach().clone()
-            out[name] = full.float().cpu()
+                    full = _copy_fp32_cpu(p)  # inside: ZeRO-3 re-partitions on exit
+            out[name] = _copy_fp32_cpu(full)
         for name, buf in self._module.named_buffers():
-            out[clean_name(name)] = buf.detach().float().cpu()
+            out[clean_name(name)] = _copy_fp32_cpu(buf)
         return out
 
     def save(self, path: Path, *, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -329,3 +329,8 @@ def _cast_inputs_bf16(module: nn.Module, args, kwargs):
         return t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return tree_map(cast, args), tree_map(cast, kwargs)
+
+
+def _copy_fp32_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 CPU copy: never an alias of a live parameter (1-rank full_tensor() returns the shard)."""
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True)

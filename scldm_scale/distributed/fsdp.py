@@ -118,13 +118,13 @@ class FSDPEngine:
         out = {}
         for name, t in tensors.items():
             full = t.full_tensor() if isinstance(t, DTensor) else t
-            out[name] = full.detach().float().cpu()
+            out[name] = _copy_fp32_cpu(full)
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
         state = get_model_state_dict(self.model, options=opts)
-        return {k: v.detach().float().cpu() for k, v in state.items()}
+        return {k: _copy_fp32_cpu(v) for k, v in state.items()}
 
     def _state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> dict:
         return {
@@ -159,3 +159,8 @@ def _shard(model: nn.Module, mesh, cfg: EngineConfig, precision: str) -> nn.Modu
         if callable(getattr(model, method, None)):
             register_fsdp_forward_method(model, method)
     return model
+
+
+def _copy_fp32_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 CPU copy: never an alias of a live parameter (1-rank full_tensor() returns the shard)."""
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True)

@@ -20,7 +20,7 @@ from scldm_scale.train import EMA, Trainer, build_engine
 from tests.distributed._helpers import run_on_ranks
 from tests.distributed._toy import ListLogger, ToyLoader, build_toy_model, toy_step
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]  # spawns share 2 busy cores
 
 ENGINES = ["zero2", "fsdp2"]
 N, K = 6, 3

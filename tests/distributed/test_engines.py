@@ -1,7 +1,8 @@
 """Engines on a real 2-rank gloo group: every engine trains, matches a 1-process 2B reference, exports.
 
 Cheapest first: a single-process pure-torch reference (no group) is computed in the parent; each engine
-then runs in one 2-rank spawn that covers fp32 parity (with and without gradient accumulation), grad-norm
+then runs in one 2-rank spawn that covers fp32 parity (plain, and with gradient accumulation plus
+activation checkpointing), grad-norm
 parity, EMA, bf16 training, the consolidated state dict and its export through the checkpoint.
 """
 
@@ -19,7 +20,7 @@ from scldm_scale.train import EMA, Trainer, build_engine, build_lr_scheduler, bu
 from tests.distributed._helpers import run_on_ranks
 from tests.distributed._toy import ListLogger, ToyLoader, build_toy_model, toy_step
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]  # spawns share 2 busy cores
 
 ENGINES = ["zero0", "zero1", "zero2", "zero3", "fsdp2"]
 STEPS = 8
@@ -29,11 +30,11 @@ EMA_DECAY = 0.5
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; reduction order differs between 2x B and 1x 2B
 
 
-def _train(engine_name, run_dir, *, rank, world, precision="fp32", accum=1, ema=False, steps=STEPS):
+def _train(engine_name, run_dir, *, rank, world, precision="fp32", accum=1, ema=False, steps=STEPS, ac=False):
     model = build_toy_model(seed=0)
     cfg_train = TrainConfig(max_steps=steps, grad_accum_steps=accum, precision=precision, enable_progress_bar=False)
     engine = build_engine(
-        EngineConfig(name=engine_name), model, optim_cfg=OPTIM, max_steps=steps, precision=precision,
+        EngineConfig(name=engine_name, enable_activation_checkpointing=ac), model, optim_cfg=OPTIM, max_steps=steps, precision=precision,
         device="cpu", grad_accum_steps=accum,
     )
     ema_weights = EMA(engine, decay=EMA_DECAY) if ema else None
@@ -103,7 +104,7 @@ def _engines_worker(rank, world, tmp_path):
         root = tmp_path / name
         out[name] = {
             "fp32": _train(name, root / "fp32", rank=rank, world=world, ema=True),
-            "accum": _train(name, root / "accum", rank=rank, world=world, accum=2),
+            "accum": _train(name, root / "accum", rank=rank, world=world, accum=2, ac=True),
             "bf16": _train(name, root / "bf16", rank=rank, world=world, precision="bf16", steps=12),
             "skip": _nonfinite(name, root / "skip", rank=rank, world=world, policy="skip"),
             "stop": _nonfinite(name, root / "stop", rank=rank, world=world, policy="stop"),
@@ -150,7 +151,8 @@ def test_engine_trains_matches_reference_and_exports(engine_name, engine_runs, r
     tmp_path, results = engine_runs
     tmp_path = tmp_path / engine_name
     r0, r1 = (r[engine_name] for r in results)
-    # Data-parallel equivalence: 2 ranks x B == 1 rank x 2B, loss, grad norm and final weights.
+    # Data-parallel equivalence: 2 ranks x B == 1 rank x 2B, loss, grad norm and final weights;
+    # "accum" splits each rank's B into 2 micro-batches and recomputes activations (no_sync + AC).
     for key in ("fp32", "accum"):
         torch.testing.assert_close(torch.tensor(r0[key]["losses"]), torch.tensor(ref_losses), **TOL)
         torch.testing.assert_close(torch.tensor(r0[key]["grad_norms"]), torch.tensor(ref_norms), **TOL)
