@@ -1,9 +1,10 @@
 """The launchers end to end, as users start them: torchrun (single and multi-node), deepspeed and python.
 
-Cheapest first: a plain-python stage-2 launch that must fail on a mismatched gene vocabulary; then one
-2-rank torchrun stage-1 job whose MLflow run (SQLite store) is queried back, resumed, and handed to a
-2-rank stage-2 job by its run id; then a 2-node torchrun job logging to a real `mlflow server`; last,
-`deepspeed --num_gpus 2 launchers/train_vae.py` with no argument at all.
+One stage-1 job on two simulated nodes (torchrun --nnodes 2 --node_rank 0/1 on 127.0.0.1) logs to a real
+`mlflow server` started and stopped here; its run is queried back, a mismatched atlas is refused by stage 2,
+and a plain-python stage-2 job finds the autoencoder through the stage-1 run id alone. Last,
+`deepspeed --num_gpus 2 launchers/train_vae.py` with no argument at all. (Resume of the MLflow run is in
+tests/distributed/test_run_engines.py, in-process.)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1, booting in the background while the first tests run."""
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts), stopped after the module."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
     yield server
     server.stop()
@@ -45,144 +46,24 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1(demo_atlas, tmp_path_factory, mlflow_server):
-    """One 2-rank ZeRO-2 stage-1 job on the debug preset, tracked in a SQLite MLflow store."""
+    """One stage-1 job on two simulated nodes (torchrun --nnodes 2, one ZeRO-2 rank each, static rendezvous on
+    127.0.0.1), logging to the real MLflow server."""
     root = tmp_path_factory.mktemp("stage1")
-    uri = f"sqlite:///{root}/mlflow.db"
-    args = [
-        *SMALL_DATA,
-        "engine.name=zero2",
-        f"train.run_dir={root}/s1",
-        f"tracking.uri={uri}",
-        "tracking.log_interval_steps=1",
-        "tracking.system_metrics_interval_seconds=1",
-        "checkpoint.interval_steps=2",
-    ]
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", VAE, "--config", VAE_DEBUG, *args]
-    run([*cmd, "train.max_steps=4"], launch_env(demo_atlas))
-    return {"root": root, "uri": uri, "cmd": cmd}
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _only_run(client, experiment: str = "scldm_scale"):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return runs[0]
-
-
-def test_stage2_rejects_a_mismatched_vocabulary(demo_atlas, stage1, synthetic_atlas, tmp_path):
-    cmd = [
-        sys.executable,
-        LDM,
-        "--config",
-        LDM_DEBUG,
-        f"data.atlas_uri={synthetic_atlas}",
-        "data.label_columns=[dataset_id]",
-        f"stage1.checkpoint={stage1['root']}/s1",
-        f"train.run_dir={tmp_path}/s2",
-        "tracking.backend=none",
-    ]
-    proc = run(cmd, launch_env(demo_atlas), check=False)
-    assert proc.returncode != 0
-    message = re.search(r"ValueError: (gene vocabulary mismatch.*)", proc.stderr)
-    assert message, proc.stderr[-3000:]
-    assert "not in data.atlas_uri" in message.group(1) and "stage-1 autoencoder" in message.group(1)
-
-
-def test_one_mlflow_run_per_job_resumed_and_handed_to_stage2(demo_atlas, stage1, tmp_path):
-    client = _client(stage1["uri"])
-    s1_run = _only_run(client)
-    run_id = s1_run.info.run_id
-    params = s1_run.data.params
-    assert (
-        params["engine.name"] == "zero2"
-        and params["run.world_size"] == "2"
-        and params["train.max_steps"] == "4"
-    )
-    assert params["data.atlas_uri"] == "demo" and params["run.atlas_uri"] == demo_atlas
-    losses = client.get_metric_history(run_id, "train/loss")
-    assert [m.step for m in losses] == [1, 2, 3, 4]
-    for key in (
-        "train/lr",
-        "train/grad_norm",
-        "train/nll",
-        "sys/cells_per_second",
-        "sys/cells_per_second_per_rank",
-        "sys/data_wait_fraction_max",
-        "sys/rss_gb_max",
-    ):
-        assert key in s1_run.data.metrics, key
-    assert any(k.startswith("system/") for k in s1_run.data.metrics), "system metrics are on"
-    (dataset,) = s1_run.inputs.dataset_inputs
-    source = json.loads(dataset.dataset.source)
-    assert source["uri"] == demo_atlas and "brain10k" in source["value_filter"]
-    assert json.loads(dataset.dataset.profile)["num_cells"] == int(params["run.num_cells"]) > 0
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for a in client.list_artifacts(run_id, "plots")
-    }
-    assert {"config.yaml", "gene_vocab.json", "plots/loss_curves.png"} <= artifacts
-    assert s1_run.data.tags["scldm.checkpoint"].endswith("step-00000004")
-
-    # A resumed job (same run_dir, more steps) continues the same run.
-    run([*stage1["cmd"], "train.max_steps=6"], launch_env(demo_atlas))
-    resumed = _only_run(client)
-    assert resumed.info.run_id == run_id and resumed.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
-
-    # Stage 2 found through the stage-1 run id alone; FSDP2, latent cache, generation scores at the end.
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        LDM,
-        "--config",
-        LDM_DEBUG,
-        *SMALL_DATA,
-        f"stage1.mlflow_run_id={run_id}",
-        f"tracking.uri={stage1['uri']}",
-        "engine.name=fsdp2",
-        f"train.run_dir={tmp_path}/s2",
-        "train.max_steps=4",
-        "tracking.log_interval_steps=1",
-        "latent_cache.mode=always",
-        "eval.num_cells=48",
-        "flow.num_steps=2",
-    ]
-    run(cmd, launch_env(demo_atlas))
-    exp_id = client.get_experiment_by_name("scldm_scale").experiment_id
-    (s2_run,) = [r for r in client.search_runs([exp_id]) if r.info.run_id != run_id]
-    assert s2_run.data.tags["scldm.stage1.run_id"] == run_id
-    assert s2_run.data.tags["scldm.stage1.checkpoint"].endswith("step-00000006")
-    assert s2_run.data.params["run.latent_cache"] == "True"
-    assert len(client.get_metric_history(s2_run.info.run_id, "train/fm_mse")) == 4
-    assert {"eval/w2", "eval/mmd2_rbf", "eval/fd"} <= set(s2_run.data.metrics)
-    assert "plots/generated_vs_real_pca.png" in {
-        a.path for a in client.list_artifacts(s2_run.info.run_id, "plots")
-    }
-
-
-def test_two_nodes_train_and_checkpoint_into_a_real_mlflow_server(demo_atlas, mlflow_server, tmp_path):
-    mlflow_server.wait_ready()
-    port = free_port()
     args = [
         VAE,
         "--config",
         VAE_DEBUG,
         *SMALL_DATA,
-        "engine.name=zero1",
-        "train.max_steps=3",
-        f"train.run_dir={tmp_path}/run",
+        "engine.name=zero2",
+        "train.max_steps=4",
+        f"train.run_dir={root}/s1",
         f"tracking.uri={mlflow_server.uri}",
         "tracking.log_interval_steps=1",
-        "tracking.experiment_name=multinode",
-        "tracking.enable_plots=false",
+        "tracking.system_metrics_interval_seconds=1",
+        "checkpoint.interval_steps=2",
     ]
-    env = launch_env(demo_atlas)
+    env, port = launch_env(demo_atlas), free_port()
+    mlflow_server.wait_ready()
     nodes = [
         subprocess.Popen(
             [
@@ -206,16 +87,118 @@ def test_two_nodes_train_and_checkpoint_into_a_real_mlflow_server(demo_atlas, ml
         )
         for rank in (0, 1)
     ]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
     for node, out in zip(nodes, outputs):
         assert node.returncode == 0, out[-4000:]
-    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "meta.json").exists()
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "meta.json").read_text())
-    assert meta["world_size"] == 2
-    client = _client(mlflow_server.uri)
-    only = _only_run(client, "multinode")
-    assert only.data.params["run.world_size"] == "2" and meta["manifest"]["mlflow_run_id"] == only.info.run_id
-    assert [m.step for m in client.get_metric_history(only.info.run_id, "train/loss")] == [1, 2, 3]
+    return {"root": root, "uri": mlflow_server.uri, "run_dir": root / "s1"}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _only_run(client, experiment: str = "scldm_scale"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_stage2_rejects_a_mismatched_vocabulary(stage1, synthetic_atlas, tmp_path, monkeypatch):
+    import scldm_scale.utils.logging as package_logging
+    from scldm_scale.config import LDMExperimentConfig, load_config
+    from scldm_scale.train.run import run_ldm
+
+    # In-process: keep this pytest process's logging and environment as the other tests expect them.
+    monkeypatch.setattr(package_logging, "_CONFIGURED", True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = load_config(
+        LDMExperimentConfig,
+        [LDM_DEBUG],
+        [
+            f"data.atlas_uri={synthetic_atlas}",
+            "data.label_columns=[dataset_id]",
+            f"stage1.checkpoint={stage1['run_dir']}",
+            f"train.run_dir={tmp_path}/s2",
+            "tracking.backend=none",
+            "train.device=cpu",
+        ],
+    )
+    with pytest.raises(ValueError, match="gene vocabulary mismatch") as info:
+        run_ldm(cfg)
+    assert "not in data.atlas_uri" in str(info.value) and str(stage1["run_dir"]) in str(info.value)
+
+
+def test_one_mlflow_run_per_two_node_job_with_everything_logged(demo_atlas, stage1):
+    client = _client(stage1["uri"])
+    s1_run = _only_run(client)
+    run_id = s1_run.info.run_id
+    params = s1_run.data.params
+    assert (
+        params["engine.name"] == "zero2"
+        and params["run.world_size"] == "2"
+        and params["train.max_steps"] == "4"
+    )
+    assert params["data.atlas_uri"] == "demo" and params["run.atlas_uri"] == demo_atlas
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/nll",
+        "sys/cells_per_second",
+        "sys/cells_per_second_per_rank",
+        "sys/data_wait_fraction_max",
+        "sys/rss_gb_max",
+    ):
+        assert key in s1_run.data.metrics, key
+    assert any(k.startswith("system/") for k in s1_run.data.metrics), "system metrics are on"
+    (dataset,) = s1_run.inputs.dataset_inputs
+    source = json.loads(dataset.dataset.source)
+    assert source["uri"] == demo_atlas and "brain10k" in source["value_filter"]
+    assert json.loads(dataset.dataset.profile)["num_cells"] == int(params["run.num_cells"]) > 0
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "plots")
+    }
+    assert {"config.yaml", "gene_vocab.json", "plots/loss_curves.png"} <= artifacts
+    ckpt = stage1["run_dir"] / "checkpoints" / "step-00000004"
+    assert s1_run.data.tags["scldm.checkpoint"] == str(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["manifest"]["mlflow_run_id"] == run_id
+
+
+def test_stage2_from_the_stage1_run_id_under_plain_python(demo_atlas, stage1, tmp_path):
+    cmd = [
+        sys.executable,
+        LDM,
+        "--config",
+        LDM_DEBUG,
+        *SMALL_DATA,
+        f"stage1.mlflow_run_id={_only_run(_client(stage1['uri'])).info.run_id}",
+        f"tracking.uri={stage1['uri']}",
+        f"train.run_dir={tmp_path}/s2",
+        "train.max_steps=4",
+        "tracking.log_interval_steps=1",
+        "latent_cache.mode=always",
+        "eval.num_cells=48",
+        "flow.num_steps=2",
+        "tracking.enable_system_metrics=false",
+    ]
+    run(cmd, launch_env(demo_atlas))
+    client = _client(stage1["uri"])
+    exp_id = client.get_experiment_by_name("scldm_scale").experiment_id
+    s2_run = next(r for r in client.search_runs([exp_id]) if r.data.tags.get("scldm.stage") == "ldm")
+    s1_id = next(
+        r.info.run_id for r in client.search_runs([exp_id]) if r.data.tags.get("scldm.stage") == "vae"
+    )
+    assert s2_run.data.tags["scldm.stage1.run_id"] == s1_id
+    assert s2_run.data.tags["scldm.stage1.checkpoint"].endswith("step-00000004")
+    assert s2_run.data.params["run.latent_cache"] == "True" and s2_run.data.params["run.world_size"] == "1"
+    assert len(client.get_metric_history(s2_run.info.run_id, "train/fm_mse")) == 4
+    assert {"eval/w2", "eval/mmd2_rbf", "eval/fd"} <= set(s2_run.data.metrics)
+    assert "plots/generated_vs_real_pca.png" in {
+        a.path for a in client.list_artifacts(s2_run.info.run_id, "plots")
+    }
 
 
 def test_deepspeed_launcher_with_no_argument_trains_the_demo(demo_atlas, tmp_path):
