@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 UNITS_IN_FLIGHT = 2
 """Load units a slot holds at once: the one being batched and the one being read (the prefetch)."""
 
+BATCHES_IN_FLIGHT = 8
+"""Packed batches queued ahead of the consumer (small: a few MB)."""
+
 _live_prefetch: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
 
 
@@ -166,33 +169,26 @@ class SomaCellDataset(IterableDataset):
         except BaseException as exc:  # handed to the consumer, which re-raises it: never swallowed
             out.put(exc)
 
-    def _batches(self, slot: Slot) -> Iterator[PackedBatch]:
+    def _pack_units(
+        self,
+        slot: Slot,
+        units: queue.Queue,
+        out: queue.Queue,
+        stop: threading.Event,
+        room: threading.Semaphore,
+    ) -> None:
+        """Packing thread: cut the units' cells into PackedBatches (a batch may straddle two units)."""
         s = self.spec
-        if slot.num_batches == 0:
-            return
-        out: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        room = threading.Semaphore(UNITS_IN_FLIGHT)
-        thread = threading.Thread(
-            target=self._read_units,
-            args=(slot, out, stop, room),
-            daemon=True,
-            name=f"soma-prefetch-r{s.rank}",
-        )
-        _live_prefetch[thread] = stop
-        thread.start()
         cap_seed = int(_mix(np.array([s.seed * 1_000_003 + self.epoch], np.uint64))[0])
         pending: list[tuple[_Unit, int, int]] = []  # (unit, start, stop) parts of the next batch
-        need = s.batch_size
-        emitted = 0
+        need, emitted, cursor = s.batch_size, 0, 0
         current: _Unit | None = None
-        cursor = 0
         try:
-            while emitted < slot.num_batches:
+            while emitted < slot.num_batches and not stop.is_set():
                 if current is None or cursor == len(current.rows):
                     if current is not None:
                         room.release()
-                    item = out.get()
+                    item = units.get()
                     if isinstance(item, BaseException):
                         raise item
                     if item is None:
@@ -203,12 +199,40 @@ class SomaCellDataset(IterableDataset):
                 cursor += n
                 need -= n
                 if need == 0:
-                    yield self._collate(pending, cap_seed)
+                    _put(out, self._collate(pending, cap_seed), stop)
                     emitted += 1
                     pending, need = [], s.batch_size
+            _put(out, None, stop)
+        except BaseException as exc:  # handed to the consumer, which re-raises it: never swallowed
+            _put(out, exc, stop)
+
+    def _batches(self, slot: Slot) -> Iterator[PackedBatch]:
+        """Three stages overlap: a reading thread, a packing thread, and the consumer (this generator)."""
+        if slot.num_batches == 0:
+            return
+        units: queue.Queue = queue.Queue()
+        out: queue.Queue = queue.Queue(maxsize=BATCHES_IN_FLIGHT)
+        stop = threading.Event()
+        room = threading.Semaphore(UNITS_IN_FLIGHT)
+        threads = [
+            threading.Thread(target=self._read_units, args=(slot, units, stop, room), daemon=True),
+            threading.Thread(target=self._pack_units, args=(slot, units, out, stop, room), daemon=True),
+        ]
+        for thread in threads:
+            _live_prefetch[thread] = stop
+            thread.start()
+        try:
+            for _ in range(slot.num_batches):
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                assert item is not None, "packing thread ended early"
+                yield item
         finally:
             stop.set()
-            thread.join(timeout=30)
+            units.put(None)  # wakes a packer waiting for a unit
+            for thread in threads:
+                thread.join(timeout=30)
 
     def _collate(self, pending: list[tuple[_Unit, int, int]], cap_seed: int) -> PackedBatch:
         positions = np.concatenate([u.positions[a:b] for u, a, b in pending])
@@ -221,6 +245,16 @@ class SomaCellDataset(IterableDataset):
             max_tokens_per_cell=self.spec.max_tokens_per_cell,
             cap_seed=cap_seed,
         )
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    """Put into a bounded queue unless the consumer has gone."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 class _open_x:

@@ -191,3 +191,24 @@ def test_state_is_json(small_atlas):
     next(it)
     state = json.loads(json.dumps(loader.state_dict()))
     assert state["cells_consumed_in_epoch"] == 16 and state["epoch"] == 0 and not state["complete"]
+
+
+def test_library_size_stats_per_label_combination(small_atlas):
+    from scldm_scale.data import library_size_stats
+
+    stats = json.loads(json.dumps(library_size_stats(_cfg(small_atlas), batch_size=100)))
+    joinids = _train_joinids(small_atlas)
+    dense, _ = _dense(small_atlas, joinids)
+    with tiledbsoma.Experiment.open(small_atlas) as exp:
+        obs = exp.obs.read(
+            value_filter="split == 'train'", column_names=["soma_joinid", "dataset_id", "cell_type"]
+        )
+        obs = obs.concat().to_pandas().sort_values("soma_joinid")
+    logs = np.log(dense.sum(1))
+    sel = (obs["dataset_id"] == "ds1").to_numpy() & (obs["cell_type"] == "NK").to_numpy()
+    group = stats["groups"]["2,2"]  # ds1 -> 2; categories B, NK, T -> NK = 2
+    assert group["n"] == int(sel.sum())
+    np.testing.assert_allclose(
+        [group["mean_log"], group["std_log"]], [logs[sel].mean(), logs[sel].std()], rtol=1e-6
+    )
+    assert stats["overall"]["n"] == len(joinids) and stats["label_columns"] == ["dataset_id", "cell_type"]
