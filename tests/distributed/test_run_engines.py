@@ -2,7 +2,8 @@
 
 One spawn runs all five engines in turn (imports and the process group are paid once). Stage 2 alternates
 between the latent cache and on-the-fly encoding; ZeRO-0 logs to an MLflow server that is down, and must
-finish anyway with its records kept in the run_dir.
+finish anyway with its records kept in the run_dir; ZeRO-2 tracks to SQLite and is resumed in place, which
+must continue the same MLflow run.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _dead_port() -> int:
         return s.getsockname()[1]
 
 
-def _all_engines(rank: int, world_size: int, tmp_path: Path, dead_uri: str) -> dict:
+def _all_engines(rank: int, world_size: int, tmp_path: Path, tracking: dict[str, list[str]]) -> dict:
     from scldm_scale.config import LDMExperimentConfig, VAEExperimentConfig, load_config
     from scldm_scale.train.run import run_ldm, run_vae
 
@@ -72,23 +73,8 @@ def _all_engines(rank: int, world_size: int, tmp_path: Path, dead_uri: str) -> d
     out: dict = {}
     for i, engine in enumerate(ENGINES):
         s1, s2 = tmp_path / engine / "s1", tmp_path / engine / "s2"
-        tracking = (
-            [
-                "tracking.backend=mlflow",
-                f"tracking.uri={dead_uri}",
-                "tracking.request_timeout_seconds=1",
-                "tracking.request_max_retries=0",
-                "tracking.enable_system_metrics=false",
-            ]
-            if engine == "zero0"
-            else []
-        )
-        vae = run_vae(
-            load_config(
-                VAEExperimentConfig,
-                overrides=[*COMMON, *VAE, *tracking, f"engine.name={engine}", f"train.run_dir={s1}"],
-            )
-        )
+        vae_args = [*COMMON, *VAE, *tracking.get(engine, []), f"engine.name={engine}", f"train.run_dir={s1}"]
+        vae = run_vae(load_config(VAEExperimentConfig, overrides=vae_args))
         cache = "always" if i % 2 else "never"
         ldm = run_ldm(
             load_config(
@@ -107,9 +93,19 @@ def _all_engines(rank: int, world_size: int, tmp_path: Path, dead_uri: str) -> d
             "vae": vae.train.losses,
             "ldm": ldm.train.losses,
             "cache": cache,
+            "run_id": vae.run_id,
             "vae_ckpt": str(vae.train.last_checkpoint),
             "ldm_step": ldm.train.final_step,
         }
+        if engine == "zero2":  # the same job resumed from its checkpoint, two steps further
+            resumed = run_vae(
+                load_config(VAEExperimentConfig, overrides=[*vae_args, f"train.max_steps={STEPS + 2}"])
+            )
+            out["resumed"] = {
+                "run_id": resumed.run_id,
+                "start": resumed.train.start_step,
+                "end": resumed.train.final_step,
+            }
     out["warnings"] = warnings.messages
     return out
 
@@ -120,9 +116,18 @@ def _decreased(losses: list[float]) -> bool:
 
 
 def test_every_engine_trains_both_stages(demo_atlas, tmp_path):
-    results = run_on_ranks(
-        _all_engines, 2, tmp_path, timeout=600, dead_uri=f"http://127.0.0.1:{_dead_port()}"
-    )
+    mlflow = ["tracking.backend=mlflow", "tracking.enable_system_metrics=false"]
+    tracking = {
+        # ZeRO-0 logs to a server that is down; ZeRO-2 to a SQLite store, then resumes.
+        "zero0": [
+            *mlflow,
+            f"tracking.uri=http://127.0.0.1:{_dead_port()}",
+            "tracking.request_timeout_seconds=1",
+            "tracking.request_max_retries=0",
+        ],
+        "zero2": [*mlflow, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+    }
+    results = run_on_ranks(_all_engines, 2, tmp_path, timeout=600, tracking=tracking)
     r0, r1 = results
     for engine in ENGINES:
         res = r0[engine]
@@ -135,6 +140,17 @@ def test_every_engine_trains_both_stages(demo_atlas, tmp_path):
         assert cache_index.exists() == (res["cache"] == "always")
         if cache_index.exists():
             assert json.loads(cache_index.read_text())["num_cells"] > 0
+    # One MLflow run per 2-rank job, known to both ranks; the resumed job continued it.
+    from mlflow.tracking import MlflowClient
+
+    run_id = r0["zero2"]["run_id"]
+    assert run_id and r1["zero2"]["run_id"] == run_id
+    assert r0["resumed"] == {"run_id": run_id, "start": STEPS, "end": STEPS + 2}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("scldm_scale").experiment_id])
+    assert only.info.run_id == run_id and only.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, STEPS + 3))
+    assert only.data.params["train.max_steps"] == str(STEPS)  # first value kept; the change is warned about
     # The tracking server was down for ZeRO-0's stage 1: it warned, trained, and kept every record.
     assert any("unreachable" in m for m in r0["warnings"])
     pending = (tmp_path / "zero0" / "s1" / "mlflow_pending.jsonl").read_text().splitlines()
