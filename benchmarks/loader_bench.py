@@ -7,7 +7,8 @@ another, built once and cached under --cache. Each loader runs one epoch over al
 in its own process (RSS is per loader and tiledbsoma_ml's spawn start method stays out of the others).
 Per loader: cells_per_s (steady state, after the first batch), first_batch_s (from construction), peak_rss_mb
 (the process and its workers, sampled every 50 ms; PSS beside it), cells_per_cpu_s (whole epoch over user + system
-CPU seconds: comparable on a loaded machine), shuffle_quality (mean entropy of dataset_id within a batch
+CPU seconds: comparable on a loaded machine), epoch_cells_per_s (whole epoch, first batch included),
+shuffle_quality (mean entropy of dataset_id within a batch
 over that of uniformly random batches of the same size; 1.0 is as good as random).
 """
 
@@ -180,6 +181,7 @@ def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) 
     return {
         "cells_per_s": round(cells_after_first / max(end - first, 1e-9), 1),
         "first_batch_s": round(first - t0, 3),
+        "epoch_cells_per_s": round(len(dataset) / (end - t0), 1),
         "peak_rss_mb": round(peak_rss, 1),
         "peak_pss_mb": round(peak_pss, 1),
         "shuffle_quality": round(float(np.mean(ent) / rand), 4),
