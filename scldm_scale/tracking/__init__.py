@@ -4,6 +4,8 @@
 """
 
 from scldm_scale.tracking.base import (
+    CHECKPOINT_TAG,
+    RUN_DIR_TAG,
     DatasetInfo,
     FanoutLogger,
     MemoryLogger,
@@ -12,9 +14,12 @@ from scldm_scale.tracking.base import (
     StdoutLogger,
     build_logger,
     format_metrics,
+    get_run_tags,
 )
 
 __all__ = [
+    "CHECKPOINT_TAG",
+    "RUN_DIR_TAG",
     "DatasetInfo",
     "FanoutLogger",
     "MemoryLogger",
@@ -23,4 +28,5 @@ __all__ = [
     "StdoutLogger",
     "build_logger",
     "format_metrics",
+    "get_run_tags",
 ]

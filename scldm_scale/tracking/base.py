@@ -14,6 +14,11 @@ from scldm_scale.config.tracking import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
+RUN_DIR_TAG = "scldm.run_dir"
+"""Run tag: the absolute run_dir (stage 2 finds stage-1 checkpoints through it)."""
+CHECKPOINT_TAG = "scldm.checkpoint"
+"""Run tag: the absolute path of the run's latest checkpoint."""
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -196,3 +201,14 @@ def build_logger(
     if not loggers:
         return NullLogger(run_id)
     return loggers[0] if len(loggers) == 1 else FanoutLogger(loggers)
+
+
+def get_run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str]:
+    """Tags of an existing MLflow run at `cfg.uri` (e.g. a stage-1 run's `RUN_DIR_TAG`, `CHECKPOINT_TAG`).
+
+    Raises:
+        ValueError: naming `stage1.mlflow_run_id` when the run cannot be found.
+    """
+    from scldm_scale.tracking.mlflow import run_tags  # mlflow is slow to import; only when asked
+
+    return run_tags(cfg, run_id)

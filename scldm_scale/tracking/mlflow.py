@@ -26,10 +26,6 @@ logger = logging.getLogger(__name__)
 
 PENDING_FILE = "mlflow_pending.jsonl"
 """Records that never reached the server, one JSON object a line, under the run_dir."""
-RUN_DIR_TAG = "scldm.run_dir"
-"""Tag holding the absolute run_dir of a run (stage 2 finds stage-1 checkpoints through it)."""
-CHECKPOINT_TAG = "scldm.checkpoint"
-"""Tag holding the absolute path of the run's latest checkpoint."""
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_CHARS = 6000
 
@@ -255,7 +251,7 @@ class MLflowLogger:
         self._pending.clear()
 
 
-def get_run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str]:
+def run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str]:
     """Tags of an existing run (e.g. a stage-1 run's `scldm.run_dir`, `scldm.checkpoint`).
 
     Raises:

@@ -26,6 +26,7 @@ from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
 from scldm_scale.models import LatentStats, build_vae
 from scldm_scale.models.vae import TransformerVAE
+from scldm_scale.tracking import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
 from scldm_scale.train import latent_cache
 from scldm_scale.train.ldm_step import encode_latents
 
@@ -66,8 +67,6 @@ def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str
         return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None
     found: tuple[str | None, str] = (None, "")
     if dist.rank == 0:
-        from scldm_scale.tracking.mlflow import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
-
         try:
             tags = get_run_tags(cfg.tracking, run_id)
             path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)

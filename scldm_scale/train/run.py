@@ -28,6 +28,8 @@ from scldm_scale.distributed import (
 )
 from scldm_scale.models import build_dit, build_vae, num_parameters
 from scldm_scale.tracking import (
+    CHECKPOINT_TAG,
+    RUN_DIR_TAG,
     DatasetInfo,
     FanoutLogger,
     MemoryLogger,
@@ -238,7 +240,7 @@ def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str])
     run_id = None
     if dist.rank == 0:
         run_dir = Path(cfg.train.run_dir).resolve()
-        tags = {**tags, "scldm.run_dir": str(run_dir), "scldm.engine": cfg.engine.name}
+        tags = {**tags, RUN_DIR_TAG: str(run_dir), "scldm.engine": cfg.engine.name}
         real = build_logger(cfg.tracking, 0, run_id=_resumed_run_id(cfg), spill_dir=str(run_dir), tags=tags)
         tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
         run_id = tracker.run_id
@@ -326,7 +328,7 @@ def finish(tracker: MetricLogger, cfg: ExperimentConfig, dist: DistInfo, result:
         if result.last_checkpoint is not None:
             tracker.set_tags(
                 {
-                    "scldm.checkpoint": str(Path(result.last_checkpoint).resolve()),
+                    CHECKPOINT_TAG: str(Path(result.last_checkpoint).resolve()),
                     "scldm.final_step": str(result.final_step),
                 }
             )
