@@ -87,7 +87,9 @@ def bench(args: argparse.Namespace) -> dict | None:
                 if mode == "always":
                     out["stage2"][engine] = result
                 if engine == "zero0":
-                    out["stage2_latent_cache"]["cache" if mode == "always" else "on_the_fly"] = result
+                    out["stage2_latent_cache"]["cache" if mode == "always" else "on_the_fly"] = dict(
+                        result
+                    )  # a copy: stage2 entries get relative_to_zero0
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     for stage in ("stage1", "stage2"):
