@@ -17,14 +17,16 @@ match `data.value_filter`):
    cells, flagged `is_padding`; "drop" leaves at most world_size * micro_batch_size - 1 cells unread), then
    per DataLoader worker (rank batch j comes from worker j % num_workers, the DataLoader's round robin).
    Ranges are disjoint; a block straddling two ranges is read by both (a bounded overlap of one block each).
-4. Units and prefetch (`dataset.py`, `reader.py`). A worker reads its pieces block by block in a background
-   thread, at most two blocks in flight (the one batched, the one read). A block larger than the worker's
+4. Units and prefetch (`dataset.py`, `reader.py`). A worker reads its pieces block by block in a reading
+   thread, at most two blocks in flight (the one batched, the one read); a packing thread cuts them into
+   batches ahead of the consumer, so IO overlaps training. A block larger than the worker's
    share of `data.memory_budget_mb` is read in parts, so memory stays bounded whatever the number of workers
    (at the price of re-reading that block's chunks). Reads are per chunk, as one slice when the wanted cells
    are dense in it (cells of other splits filtered out) and as points otherwise, decoded with vectorised numpy
    into a token CSR (genes outside the vocabulary dropped, library size summed).
-5. Batches (`collate.py`). Consecutive cells of the stream become a batch dict (DEVELOPERS.md contract):
-   tokens padded to the batch's longest cell, with a mask; `data.max_tokens_per_cell` subsamples longer
+5. Batches (`collate.py`). Consecutive cells of the stream become a `PackedBatch` (numpy, unpadded: cheap to
+   send from worker processes), padded in the consumer into the batch dict of DEVELOPERS.md (plus
+   `is_padding`): tokens padded to the batch's longest cell, with a mask; `data.max_tokens_per_cell` subsamples longer
    cells by a hash of (seed, joinid, gene), so the choice does not depend on the layout.
 
 Resume (`loader.py`): ranks yield batches in lockstep, so after k batches the cells consumed by every rank

@@ -1,8 +1,9 @@
-"""`SomaCellDataset`: one (rank, worker)'s stream of batches, read in a prefetch thread under a byte budget.
+"""`SomaCellDataset`: one (rank, worker)'s stream of batches, read ahead in threads under a byte budget.
 
 It turns the work pieces of `order.py` into load units (the cells of one block, or of part of one when the
-block exceeds the memory allowance), reads each unit with `reader.read_block` in a background thread, and
-cuts the units' permuted cells into batches with `collate.collate_rows`. It never holds a dense matrix.
+block exceeds the memory allowance), reads each unit with `reader.read_block` in a reading thread, and cuts
+the units' permuted cells into `PackedBatch`es with `collate.pack_rows` in a packing thread. It never holds a
+dense matrix and never pads (the consumer does, see `collate.unpack_batch`).
 """
 
 from __future__ import annotations
