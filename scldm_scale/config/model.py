@@ -63,7 +63,7 @@ class VAEConfig:
     kl_weight: float = 1.0
     """beta, weight of KL(q(z|x) || N(0, I)) per cell; used only with posterior=gaussian."""
     gene_chunk_size: int | None = None
-    """Decode genes in chunks of this many (bounds activation memory at large G); None = all at once."""
+    """Genes decoded per chunk (bounds activation memory); None = automatic, batch x chunk x dim <= 16M."""
     enable_chunk_checkpointing: bool = False
     """Recompute each gene chunk in backward (activation memory of one chunk when training)."""
 

@@ -29,6 +29,7 @@ from scldm_scale.models.vae.likelihood import (
 from scldm_scale.models.vae.tokens import GeneTokenizer
 
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0  # log-variance clamp (scVI baseline clamps log-scale to [-7, 5])
+AUTO_CHUNK_ELEMENTS = 2**24  # automatic gene chunk: about B x chunk x d <= 16M activations (64 MB fp32)
 
 
 @dataclass
@@ -171,7 +172,8 @@ class TransformerVAE(nn.Module):
             z: latents (B, M, L).
             library_size: (B,) total counts; sets the NB means' sum (ignored by the Gaussian head).
             gene_ids: (G,) shared or (B, G) per-cell gene ids to decode; None = all genes 1..num_genes.
-            gene_chunk_size: genes per chunk; None = `cfg.gene_chunk_size` (None there = one chunk).
+            gene_chunk_size: genes per chunk; None = `cfg.gene_chunk_size`, and None there = automatic
+                (B x chunk x d <= 16M elements, so large batches x vocabularies never materialise at once).
                 Chunking is exact (genes do not attend to each other; the softmax is taken at the end).
 
         Returns:
@@ -181,7 +183,7 @@ class TransformerVAE(nn.Module):
         if gene_ids is None:
             gene_ids = torch.arange(1, self.num_genes + 1, device=z.device)
         gene_ids_BG = gene_ids.unsqueeze(0).expand(B, -1) if gene_ids.dim() == 1 else gene_ids
-        chunk = gene_chunk_size or self.cfg.gene_chunk_size or gene_ids_BG.shape[1]
+        chunk = gene_chunk_size or self.cfg.gene_chunk_size or max(1, AUTO_CHUNK_ELEMENTS // (B * self.cfg.dim))
         h_BMD = self.decoder.latent_states(z)
         recompute = self.cfg.enable_chunk_checkpointing and torch.is_grad_enabled()
         firsts, seconds = [], []
