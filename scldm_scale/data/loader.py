@@ -104,9 +104,10 @@ class SomaLoader:
 
     Iterate it once per epoch. `state_dict()` after k yielded batches records the cells every rank has
     consumed (ranks run in lockstep), as the pieces of the epoch left; `load_state_dict()` then yields exactly
-    those cells, at any world size and number of workers. A finished epoch moves to the next on the next
-    iteration; `set_epoch(e)` jumps to epoch e (a no-op when e is the epoch in progress, so a resumed epoch
-    survives the trainer's usual `set_epoch` call).
+    those cells, at any world size and number of workers. `set_epoch(e)` starts epoch e (a no-op when e is the
+    epoch in progress, so a resumed epoch survives the trainer's usual `set_epoch` call). An epoch finished by
+    iterating moves on to the next at the next iteration even without `set_epoch`; an epoch loaded as
+    finished yields nothing until `set_epoch(e + 1)`.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class SomaLoader:
         self._pieces: list[Piece] = dataset.order(epoch).fresh_pieces()
         self._consumed = 0
         self._complete = False
+        self._finished_here = False  # the epoch was completed by iterating in this process
 
     # -- sizes -----------------------------------------------------------------------------------------
     @property
@@ -164,7 +166,7 @@ class SomaLoader:
         """Start epoch `epoch` from its beginning, unless it is the epoch in progress."""
         if epoch == self._epoch and not self._complete:
             return
-        self._epoch, self._complete = epoch, False
+        self._epoch, self._complete, self._finished_here = epoch, False, False
         self._pieces, self._consumed = self.dataset.order(epoch).fresh_pieces(), 0
 
     def _left(self) -> list[Piece]:
@@ -181,6 +183,10 @@ class SomaLoader:
         return remaining(self._pieces, used)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._complete and not self._finished_here:
+            # A state saved after the epoch's last batch: nothing is left of it (the trainer's next
+            # `set_epoch(epoch + 1)` starts the next one).
+            return
         if self._complete:
             self.set_epoch(self._epoch + 1)
         # A pass interrupted earlier continues where it stopped: re-plan the pieces left.
@@ -205,7 +211,7 @@ class SomaLoader:
             yield batch
         if self._consumed != expected:
             raise RuntimeError(f"loader yielded {self._consumed} batches, expected {expected}")
-        self._complete = True
+        self._complete = self._finished_here = True
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -234,6 +240,7 @@ class SomaLoader:
             raise ValueError(f"loader state does not match this data / config (saved, now): {bad}")
         self._epoch = int(state["epoch"])
         self._complete = bool(state["complete"])
+        self._finished_here = False
         self._pieces = [tuple(int(v) for v in p) for p in state["pieces"]]
         self._consumed = 0
 

@@ -141,3 +141,18 @@ def test_drop_remainder_resume_never_repeats(atlas):
     assert len(allc) == len(set(allc)) and set(allc) <= set(_epoch_cells(atlas))
     assert len(_epoch_cells(atlas)) - len(allc) < 2 * 16  # only the last partial round is dropped
     assert all(not ld.state_dict()["pieces"] or ld.state_dict()["complete"] for ld in resumed)
+
+
+def test_state_saved_after_the_last_batch_resumes_into_the_next_epoch(atlas):
+    """The trainer's loop: `yield from loader`, then `set_epoch(epoch + 1)`; no epoch is run twice."""
+    (loader,) = _loaders(atlas, 1, 0)
+    batches = list(loader)
+    state = loader.state_dict()
+    assert state["complete"] and state["cells_consumed_in_epoch"] == len(_epoch_cells(atlas))
+    (resumed,) = _loaders(atlas, 1, 0)
+    resumed.load_state_dict(state)
+    assert list(resumed) == []  # epoch 0 is over
+    resumed.set_epoch(1)
+    (fresh,) = _loaders(atlas, 1, 0)
+    fresh.set_epoch(1)
+    assert [_real(b) for b in resumed] == [_real(b) for b in fresh] != [_real(b) for b in batches]
