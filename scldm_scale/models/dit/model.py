@@ -171,7 +171,10 @@ class DiT(nn.Module):
         weights: Sequence[float] | None = None,
         strategy: str | None = None,
     ) -> torch.Tensor:
-        """CFG velocity; `strategy` defaults to `cfg.guidance`. See models/dit/guidance.py for the formulas."""
+        """CFG velocity; `strategy` defaults to `cfg.guidance`. See models/dit/guidance.py for the formulas.
+
+        Call in eval mode: in training mode `forward` would also apply condition dropout.
+        """
         B = xt.shape[0]
         t_B = t.expand(B) if t.dim() == 0 else t
         labels_BK = self._labels(labels, B, xt.device)
