@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
 from scldm_scale.config.data import DEMO_ATLAS
 from scldm_scale.data.loader import SomaLoader, build_loader
 from scldm_scale.distributed import (
     DistInfo,
+    TrainEngine,
     broadcast_object,
     destroy_distributed,
     init_distributed,
@@ -91,6 +94,19 @@ def _init(device: str) -> DistInfo:
     return init_distributed(device)
 
 
+def _build_engine(cfg: ExperimentConfig, model: nn.Module, dist: DistInfo) -> TrainEngine:
+    """The configured engine with AdamW and the LR schedule over `train.max_steps`."""
+    return build_engine(
+        cfg.engine,
+        model,
+        optim_cfg=cfg.optim,
+        max_steps=cfg.train.max_steps,
+        precision=cfg.train.precision,
+        device=dist.device,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+    )
+
+
 def run_vae(cfg: VAEExperimentConfig) -> RunResult:
     """Train the stage-1 autoencoder on `cfg.data` (the embedded demo atlas by default)."""
     dist = _init(cfg.train.device)
@@ -101,15 +117,7 @@ def run_vae(cfg: VAEExperimentConfig) -> RunResult:
         data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
         model = build_vae(cfg.model, data.gene_vocab.num_genes)
         n_params = num_parameters(model)  # before the engine shards it (ZeRO-3 leaves empty local tensors)
-        engine = build_engine(
-            cfg.engine,
-            model,
-            optim_cfg=cfg.optim,
-            max_steps=cfg.train.max_steps,
-            precision=cfg.train.precision,
-            device=dist.device,
-            grad_accum_steps=cfg.train.grad_accum_steps,
-        )
+        engine = _build_engine(cfg, model, dist)
         tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
         log_run_start(tracker, cfg, dist, data, extra={"run.num_parameters": n_params})
         trainer = Trainer(
@@ -151,15 +159,11 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
         loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
         dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
         n_params = num_parameters(dit)
-        engine = build_engine(
-            cfg.engine,
-            dit,
-            optim_cfg=cfg.optim,
-            max_steps=cfg.train.max_steps,
-            precision=cfg.train.precision,
-            device=dist.device,
-            grad_accum_steps=cfg.train.grad_accum_steps,
-        )
+        engine = _build_engine(cfg, dit, dist)
+        if cfg.flow.ema_update_every != 1:
+            logger.warning(
+                "flow.ema_update_every=%d is ignored: the EMA updates every step", cfg.flow.ema_update_every
+            )
         ema = EMA(engine, decay=cfg.flow.ema_decay, warmup_steps=cfg.flow.ema_update_after_step)
         tracker = open_tracker(cfg, dist, tags=stage1.tags)
         log_run_start(
