@@ -271,7 +271,12 @@ class DeepSpeedEngine:
 
     def _load_resharded(self, path: Path, saved_world: int) -> None:
         """Restore from the world-size independent copy (params, Adam moments and step; frozen tensors)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
         from safetensors.torch import load_file
 
         flat = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
@@ -284,9 +289,16 @@ class DeepSpeedEngine:
         self._ensure_optimizer_state()
         for name, p in self._params.items():
             value = flat[f"reshard/param/{name}"].to(self.device)
-            safe_set_full_fp32_param(p, value)
-            for key in ADAM_KEYS:
-                safe_set_full_optimizer_state(p, flat[f"reshard/{key}/{name}"].to(self.device), key)
+            moments = {key: flat[f"reshard/{key}/{name}"].to(self.device) for key in ADAM_KEYS}
+            if self.stage == 3:
+                # The full setters reject the padded last partition; write this rank's padded slice instead.
+                safe_set_local_fp32_param(p, self._local_slice(p, value))
+                for key, moment in moments.items():
+                    safe_set_local_optimizer_state(p, self._local_slice(p, moment), key)
+            else:
+                safe_set_full_fp32_param(p, value)
+                for key, moment in moments.items():
+                    safe_set_full_optimizer_state(p, moment, key)
             # The low-precision / replicated model copy is refreshed from the masters only at the next
             # step, so set it too; ZeRO-3 re-partitions it when the gather context exits.
             with self._ds.zero.GatheredParameters([p], modifier_rank=0, enabled=self.stage == 3):
@@ -299,15 +311,23 @@ class DeepSpeedEngine:
         if frozen or list(self._module.buffers()):
             self._load_frozen_and_buffers(path)
 
+    def _local_slice(self, p: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of a full tensor, zero-padded to the partition size."""
+        n = p.ds_tensor.numel()
+        out = torch.zeros(n * dist.get_world_size(), dtype=value.dtype, device=value.device)
+        out[: value.numel()] = value.reshape(-1)
+        return out[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
     def _ensure_optimizer_state(self) -> None:
         """AdamW creates its state at the first step; DeepSpeed links its fragments after it. Do both now."""
-        for group in self._basic.param_groups:
-            for p in group["params"]:
-                state = self._basic.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # ZeRO-3 installs its flat fp32 partitions in the param groups only while stepping.
+        flat_groups = list(getattr(self.optimizer, "fp32_partitioned_groups_flat", []))
+        for p in [p for group in self._basic.param_groups for p in group["params"]] + flat_groups:
+            state = self._basic.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             link()

@@ -1,6 +1,6 @@
 """Checkpoints on real gloo groups: exact resume, crash mid-save, and resharding 2 -> 1 and 2 -> 3 ranks.
 
-One 2-rank spawn runs, per engine (ZeRO-2 and FSDP2): N straight steps; k steps + resume + N-k steps;
+One 2-rank spawn runs, per engine (ZeRO-2, ZeRO-3, FSDP2): N straight steps; k steps + resume + N-k steps;
 a save that crashes after the shards are written; and a dropout-free continuation from step k that is the
 reference for the 1- and 3-rank spawns resuming the same step-k checkpoint. The global batch is the
 same at every world size (12 cells), so losses must match where only the reduction order differs.
@@ -22,7 +22,7 @@ from tests.distributed._toy import ListLogger, ToyLoader, build_toy_model, toy_s
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]  # spawns share 2 busy cores
 
-ENGINES = ["zero2", "fsdp2"]
+ENGINES = ["zero2", "zero3", "fsdp2"]
 N, K = 6, 3
 GLOBAL_BATCH = 12
 OPTIM = OptimConfig(lr=1e-2, schedule="cosine", warmup_fraction=0.2, grad_clip_norm=1.0)
