@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.distributed._helpers import run_on_ranks
+from tests.distributed._helpers import free_port, run_on_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -55,12 +54,6 @@ class _Warnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_engines(rank: int, world_size: int, tmp_path: Path, tracking: dict[str, list[str]]) -> dict:
@@ -121,7 +114,7 @@ def test_every_engine_trains_both_stages(demo_atlas, tmp_path):
         # ZeRO-0 logs to a server that is down; ZeRO-2 to a SQLite store, then resumes.
         "zero0": [
             *mlflow,
-            f"tracking.uri=http://127.0.0.1:{_dead_port()}",
+            f"tracking.uri=http://127.0.0.1:{free_port()}",
             "tracking.request_timeout_seconds=1",
             "tracking.request_max_retries=0",
         ],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from tests.distributed._helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VAE = str(REPO / "launchers" / "train_vae.py")
@@ -24,13 +25,6 @@ SMALL_DATA = [
     "data.seed=0",
     "train.enable_progress_bar=false",
 ]
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(demo_atlas: str) -> dict[str, str]:

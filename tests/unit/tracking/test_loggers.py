@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from scldm_scale.tracking import (
     build_logger,
     format_metrics,
 )
+from tests.distributed._helpers import free_port
 
 
 class _Records(logging.Handler):
@@ -44,12 +44,6 @@ def mlflow_records():
     yield handler.messages
     log.removeHandler(handler)
     log.setLevel(old)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_config_rejects_folder_store_naming_the_key():
@@ -132,7 +126,7 @@ def test_unreachable_server_keeps_records_and_next_job_sends_them(tmp_path, mlfl
     from scldm_scale.tracking.mlflow import PENDING_FILE, MLflowLogger
 
     down = TrackingConfig(
-        uri=f"http://127.0.0.1:{_free_port()}",
+        uri=f"http://127.0.0.1:{free_port()}",
         request_timeout_seconds=1,
         request_max_retries=0,
         enable_system_metrics=False,
