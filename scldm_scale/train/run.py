@@ -230,7 +230,10 @@ def _resumed_run_id(cfg: ExperimentConfig) -> str | None:
     mode = cfg.checkpoint.resume
     if mode == "never":
         return None
-    ckpt = latest_checkpoint(cfg.train.run_dir) if mode == "auto" else resolve_checkpoint(mode)
+    try:
+        ckpt = latest_checkpoint(cfg.train.run_dir) if mode == "auto" else resolve_checkpoint(mode)
+    except (FileNotFoundError, ValueError):
+        return None  # the Trainer reports a bad checkpoint.resume on every rank
     if ckpt is None:
         return None
     return read_meta(ckpt).get("manifest", {}).get("mlflow_run_id")
@@ -241,14 +244,21 @@ def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str])
 
     Rank 0 also keeps the metric history in memory for the end-of-run plots.
     """
-    run_id = None
+    found: tuple[str | None, str] = (None, "")
     if dist.rank == 0:
         run_dir = Path(cfg.train.run_dir).resolve()
         tags = {**tags, RUN_DIR_TAG: str(run_dir), "scldm.engine": cfg.engine.name}
-        real = build_logger(cfg.tracking, 0, run_id=_resumed_run_id(cfg), spill_dir=str(run_dir), tags=tags)
-        tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
-        run_id = tracker.run_id
-    run_id = broadcast_object(run_id)
+        try:
+            real = build_logger(
+                cfg.tracking, 0, run_id=_resumed_run_id(cfg), spill_dir=str(run_dir), tags=tags
+            )
+            tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
+            found = (tracker.run_id, "")
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so none waits forever
+            found = (None, f"{type(exc).__name__}: {exc}")
+    run_id, error = broadcast_object(found)
+    if error:
+        raise RuntimeError(f"opening the tracker failed on rank 0: {error}")
     return tracker if dist.rank == 0 else NullLogger(run_id)
 
 
