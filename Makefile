@@ -9,6 +9,8 @@ install:
 
 demo: install
 	$(PYTHON) -m data_pipelines.demo
+	$(PYTHON) launchers/train_vae.py
+	$(PYTHON) launchers/train_ldm.py
 
 lint:
 	ruff check .
