@@ -66,7 +66,9 @@ def plot_generated_vs_real(
     ax.set_ylabel("PC2")
     ax.legend(markerscale=3)
     if scores:
-        ax.set_title("  ".join(f"{k} {v:.3g}" for k, v in scores.items()), fontsize=9)
+        gen = "  ".join(f"{k} {v:.3g}" for k, v in scores.items() if not k.startswith("floor_"))
+        floor = "  ".join(f"{k[6:]} {v:.3g}" for k, v in scores.items() if k.startswith("floor_"))
+        ax.set_title(gen + (f"\nreal vs real floor: {floor}" if floor else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,23 +48,20 @@ def log_loss_curves(
 
 
 def _real_cells(
-    cfg: LDMExperimentConfig, data: Any, stage1: Any, device: torch.device
+    cfg: LDMExperimentConfig, data: Any, stage1: Any, device: torch.device, value_filter: str | None
 ) -> dict[str, torch.Tensor]:
-    """Up to `eval.num_cells` real cells (one unshuffled batch of the validation or training filter)."""
-    vf = (
-        cfg.data.val_value_filter
-        if cfg.eval.use_val_split and cfg.data.val_value_filter
-        else cfg.data.value_filter
-    )
+    """Up to `eval.num_cells` real cells of `value_filter`: one shuffled batch (seeded by `train.seed`), so
+    the sample spans datasets instead of the first one stored."""
     loader = build_loader(
         cfg.data,
         rank=0,
         world_size=1,
         gene_vocab=stage1.gene_vocab,
         label_vocabs=data.loader.label_vocabs,
-        value_filter=vf,
+        value_filter=value_filter,
         atlas_uri=data.atlas_uri,
-        shuffle=False,
+        seed=cfg.train.seed,
+        shuffle=True,
         batch_size=cfg.eval.num_cells,
         num_workers=0,
     )
@@ -104,7 +101,10 @@ def evaluate_generation(
     dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
     dit.load_state_dict(weights, strict=False)  # EMA holds trainable parameters only; buffers are rebuilt
     dit.to(dist.device).eval()
-    real = _real_cells(cfg, data, stage1, dist.device)
+    use_val = cfg.eval.use_val_split and cfg.data.val_value_filter is not None
+    real = _real_cells(
+        cfg, data, stage1, dist.device, cfg.data.val_value_filter if use_val else cfg.data.value_filter
+    )
     generator = torch.Generator().manual_seed(cfg.train.seed)
     out = generate(
         dit,
@@ -126,6 +126,18 @@ def evaluate_generation(
         real_counts, gen_counts, n_hvg=min(2000, real_counts.shape[1]), n_components=n_comp
     )
     scores = {k: float(v) for k, v in distribution_metrics(real_pc, gen_pc).items()}
+    if use_val:
+        # Real-versus-real floor (REFERENCE.md section 8): training cells against the same held-out cells,
+        # projected on the same HVGs and PCs (both are fitted on the held-out cells only, so deterministic).
+        train = _real_cells(cfg, data, stage1, dist.device, cfg.data.value_filter)
+        train_counts = (
+            stage1.vae.dense_targets(train["gene_ids"], train["counts"], train["mask"]).cpu().numpy()
+        )
+        _, train_pc = preprocess(
+            real_counts, train_counts, n_hvg=min(2000, real_counts.shape[1]), n_components=n_comp
+        )
+        floor = distribution_metrics(real_pc, train_pc)
+        scores.update({f"floor_{k}": float(v) for k, v in floor.items()})
     tracker.log_metrics({f"eval/{k}": v for k, v in scores.items()}, step=cfg.train.max_steps)
     logger.info(
         "generation vs %d real cells: %s",
