@@ -47,6 +47,9 @@ class SomaDataConfig:
     """Bytes of decoded cells held per rank (all workers together), prefetch included."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: read in a prefetch thread of the training process)."""
+    library_size_stats_cells: int = 100_000
+    """Cells (a seeded shuffled sample) behind the per-label log-library-size statistics that every checkpoint
+    manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -66,6 +69,10 @@ class SomaDataConfig:
             )
         if self.remainder not in ("pad", "drop"):
             raise ValueError(f"data.remainder must be 'pad' or 'drop', got {self.remainder!r}")
+        if self.library_size_stats_cells < 0:
+            raise ValueError(
+                f"data.library_size_stats_cells must be >= 0, got {self.library_size_stats_cells}"
+            )
         if self.memory_budget_mb < 1:
             raise ValueError(f"data.memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
         if len(set(self.label_columns)) != len(self.label_columns):

@@ -23,8 +23,13 @@ def library_size_stats(
     atlas_uri: str | None = None,
     value_filter: str | None = _FROM_CONFIG,
     batch_size: int = 4096,
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Mean / std of log(library size) per label-id combination, JSON-able.
+
+    With `max_cells`, the statistics come from the first `max_cells` cells of a seeded shuffled pass (a sample
+    that spans datasets), not from every cell.
 
     Returns:
         {"label_columns": [...], "overall": {"n", "mean_log", "std_log"},
@@ -39,12 +44,17 @@ def library_size_stats(
         label_vocabs=label_vocabs,
         atlas_uri=atlas_uri,
         value_filter=value_filter,
-        shuffle=False,
+        seed=seed,
+        shuffle=max_cells is not None,
         batch_size=batch_size,
         num_workers=0,
     )
     sums: dict[tuple[int, ...], np.ndarray] = {}  # key -> (n, sum log, sum log^2)
+    seen = 0
     for batch in loader:
+        if max_cells is not None and seen >= max_cells:
+            break
+        seen += len(batch["library_size"])
         keep = ~batch["is_padding"].numpy() & (batch["library_size"].numpy() > 0)
         logs = np.log(batch["library_size"].numpy()[keep].astype(np.float64))
         labels = batch["labels"].numpy()[keep]

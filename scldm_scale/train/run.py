@@ -22,6 +22,7 @@ from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpo
 from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
 from scldm_scale.config.data import DEMO_ATLAS
 from scldm_scale.data.loader import SomaLoader, build_loader
+from scldm_scale.data.stats import library_size_stats
 from scldm_scale.distributed import (
     DistInfo,
     TrainEngine,
@@ -319,6 +320,14 @@ def build_manifest(
         "gene_vocab": data.gene_vocab.to_json(),
         "atlas_uri": data.atlas_uri,
         "label_vocabs": {c: v.to_json() for c, v in data.loader.label_vocabs.items()},
+        "library_size_stats": library_size_stats(
+            cfg.data,
+            gene_vocab=data.gene_vocab,
+            label_vocabs=data.loader.label_vocabs,
+            atlas_uri=data.atlas_uri,
+            max_cells=cfg.data.library_size_stats_cells or None,
+            seed=cfg.train.seed,
+        ),
     }
     if stage1 is not None:
         manifest.update(

@@ -165,6 +165,11 @@ def test_one_mlflow_run_per_two_node_job_with_everything_logged(demo_atlas, stag
     assert s1_run.data.tags["scldm.checkpoint"] == str(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["manifest"]["mlflow_run_id"] == run_id
+    lib = meta["manifest"]["library_size_stats"]
+    assert (
+        sorted(lib["label_columns"]) == sorted(meta["manifest"]["label_vocabs"]) and lib["overall"]["n"] > 0
+    )
+    assert all(g["n"] > 0 and g["std_log"] >= 0 for g in lib["groups"].values())
 
 
 def test_stage2_from_the_stage1_run_id_under_plain_python(demo_atlas, stage1, tmp_path):

@@ -212,3 +212,16 @@ def test_library_size_stats_per_label_combination(small_atlas):
         [group["mean_log"], group["std_log"]], [logs[sel].mean(), logs[sel].std()], rtol=1e-6
     )
     assert stats["overall"]["n"] == len(joinids) and stats["label_columns"] == ["dataset_id", "cell_type"]
+
+
+def test_library_size_stats_from_a_shuffled_sample(small_atlas):
+    from scldm_scale.data import library_size_stats
+
+    full = library_size_stats(_cfg(small_atlas), batch_size=100)
+    sample = library_size_stats(_cfg(small_atlas), batch_size=100, max_cells=300, seed=1)
+    assert sample == library_size_stats(_cfg(small_atlas), batch_size=100, max_cells=300, seed=1)
+    assert 300 <= sample["overall"]["n"] < full["overall"]["n"]
+    # a shuffled sample spans the datasets stored one after another, not just the first one
+    datasets = {key.split(",")[0] for key in sample["groups"]}
+    assert datasets == {key.split(",")[0] for key in full["groups"]}
+    assert abs(sample["overall"]["mean_log"] - full["overall"]["mean_log"]) < 0.2

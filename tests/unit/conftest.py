@@ -1,4 +1,4 @@
-"""Run these small-tensor tests on one intra-op thread: on a shared 2-core machine, 2 threads on tiny
+"""Unit tests run on one intra-op thread: on a shared 2-core machine, 2 threads on tiny
 matmuls are often >10x slower than one. Restored after each test."""
 
 import pytest
