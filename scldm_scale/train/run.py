@@ -130,7 +130,7 @@ def run_vae(cfg: VAEExperimentConfig) -> RunResult:
             cfg_ckpt=cfg.checkpoint,
             run_dir=cfg.train.run_dir,
             log_interval_steps=cfg.tracking.log_interval_steps,
-            manifest=build_manifest(cfg, data, tracker.run_id),
+            manifest=build_manifest(cfg, data, tracker.run_id, dist),
         )
         result = finish(tracker, cfg, dist, trainer.train())
         status = "FINISHED"
@@ -185,7 +185,7 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
             run_dir=cfg.train.run_dir,
             ema=ema,
             log_interval_steps=cfg.tracking.log_interval_steps,
-            manifest=build_manifest(cfg, data, tracker.run_id, stage1=stage1),
+            manifest=build_manifest(cfg, data, tracker.run_id, dist, stage1=stage1),
         )
         train_result = trainer.train()
         report.evaluate_generation(tracker, cfg, dist, engine=engine, ema=ema, stage1=stage1, data=data)
@@ -310,9 +310,16 @@ def dataset_info(data_cfg: SomaDataConfig, data: TrainingData) -> DatasetInfo:
 
 
 def build_manifest(
-    cfg: ExperimentConfig, data: TrainingData, run_id: str | None, stage1: handoff.Stage1 | None = None
+    cfg: ExperimentConfig,
+    data: TrainingData,
+    run_id: str | None,
+    dist: DistInfo,
+    stage1: handoff.Stage1 | None = None,
 ) -> dict[str, Any]:
-    """What every checkpoint carries: config, vocabularies, MLflow run id (and stage-1 lineage)."""
+    """What every checkpoint carries: config, vocabularies, MLflow run id (and stage-1 lineage).
+
+    Only rank 0 writes `meta.json`, so only rank 0 streams cells for the library-size statistics.
+    """
     manifest = {
         "stage": "ldm" if stage1 else "vae",
         "config_yaml": to_yaml(cfg),
@@ -327,7 +334,9 @@ def build_manifest(
             atlas_uri=data.atlas_uri,
             max_cells=cfg.data.library_size_stats_cells or None,
             seed=cfg.train.seed,
-        ),
+        )
+        if dist.rank == 0
+        else None,
     }
     if stage1 is not None:
         manifest.update(
