@@ -44,9 +44,14 @@ class SomaDataConfig:
     remainder: Literal["pad", "drop"] = "pad"
     """Equal batches on every rank: "pad" repeats cells (flagged `is_padding`), "drop" drops the tail."""
     memory_budget_mb: int = 1024
-    """Bytes of decoded cells held per rank (all workers together), prefetch included."""
+    """Memory the loader's buffers may take per rank (MiB, all workers together): units held and read ahead,
+    and TileDB's read buffers. Not counted: the interpreter and libraries, and forked worker processes' copies."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0: read in a prefetch thread of the training process)."""
+    """Reader workers per rank, each streaming its own share (0: one prefetch thread). Threads of the training
+    process by default (TileDB reads and numpy decode release the GIL; the budget bounds them all)."""
+    worker_processes: bool = False
+    """Run the workers as torch DataLoader processes instead of threads (each forked process also holds a copy
+    of the trainer's pages, which the budget does not bound)."""
     library_size_stats_cells: int = 100_000
     """Cells (a seeded shuffled sample) behind the per-label log-library-size statistics that every checkpoint
     manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""

@@ -34,9 +34,9 @@ and worker are known; `SomaLoader.state_dict()` stores the pieces left (plain JS
 re-partitions exactly those cells over the new world size and workers: nothing lost, nothing repeated.
 """
 
-from scldm_scale.data.collate import PackedBatch, collate_rows, pack_rows, unpack_batch
+from scldm_scale.data.collate import unpack_batch
 from scldm_scale.data.context import make_soma_context
-from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
+from scldm_scale.data.dataset import SomaCellDataset
 from scldm_scale.data.loader import (
     SomaLoader,
     build_gene_vocab,
@@ -45,8 +45,10 @@ from scldm_scale.data.loader import (
     open_experiment,
 )
 from scldm_scale.data.order import EpochOrder
-from scldm_scale.data.reader import CellBlock, read_block
+from scldm_scale.data.packed import PackedBatch
+from scldm_scale.data.reader import CellBlock, read_block, take_rows
 from scldm_scale.data.stats import library_size_stats
+from scldm_scale.data.stream import LoaderSpec, iter_slot
 from scldm_scale.data.vocab import PAD_TOKEN, UNKNOWN_LABEL, GeneVocab, LabelVocab
 
 __all__ = [
@@ -63,11 +65,11 @@ __all__ = [
     "build_gene_vocab",
     "build_label_vocabs",
     "build_loader",
-    "collate_rows",
+    "iter_slot",
     "library_size_stats",
     "make_soma_context",
     "open_experiment",
-    "pack_rows",
     "read_block",
+    "take_rows",
     "unpack_batch",
 ]

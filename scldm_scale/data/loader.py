@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from scldm_scale.config.data import DEMO_ATLAS, SomaDataConfig
-from scldm_scale.data.collate import unpack_batch
+from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import make_soma_context
-from scldm_scale.data.dataset import LoaderSpec, SomaCellDataset
+from scldm_scale.data.dataset import SomaCellDataset
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
-from scldm_scale.data.reader import BYTES_PER_NNZ, nnz_per_cell
+from scldm_scale.data.reader import nnz_per_cell
+from scldm_scale.data.stream import UNITS_IN_FLIGHT, LoaderSpec, cap_seed, iter_slot, iter_workers
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 from scldm_scale.utils.env import get_rank, get_world_size
 
@@ -121,8 +122,10 @@ class SomaLoader:
         epoch: int = 0,
         seed_was_given: bool = True,
         multiprocessing_context: str | None = None,
+        worker_processes: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.worker_processes = worker_processes
         self.num_workers = num_workers
         self.gene_vocab = gene_vocab
         self.label_vocabs = label_vocabs
@@ -193,7 +196,8 @@ class SomaLoader:
         self._pieces, self._consumed = self._left(), 0
         self.dataset.set_work(self._epoch, self._pieces)
         expected = len(self)
-        if self.num_workers > 0:
+        spec = self.dataset.spec
+        if self.num_workers > 0 and self.worker_processes:
             source = DataLoader(
                 self.dataset,
                 batch_size=None,
@@ -201,10 +205,13 @@ class SomaLoader:
                 multiprocessing_context=self._mp_context,
                 prefetch_factor=4,
             )
+        elif self.num_workers > 0:
+            source = iter_workers(spec, self._epoch, self._pieces)
         else:
-            source = self.dataset
-        for packed in source:
-            batch = unpack_batch(packed)
+            source = iter_slot(spec, self._epoch, self._pieces, 0)
+        seed = cap_seed(spec, self._epoch)
+        for item in source:
+            batch = to_tensors(item, spec.max_tokens_per_cell, seed)
             self._consumed += 1
             if self._consumed == expected:
                 self._complete = True
@@ -243,6 +250,36 @@ class SomaLoader:
         self._finished_here = False
         self._pieces = [tuple(int(v) for v in p) for p in state["pieces"]]
         self._consumed = 0
+
+
+UNIT_BYTES_PER_NNZ = 8
+"""Measured bytes per non-zero of a read unit held in memory (uint16 token + float32 count + allocator slack)."""
+READ_BYTES_PER_NNZ = 38
+"""Measured peak bytes per non-zero of one X read in flight: its arrow result (int64 row and column, float32
+value) and TileDB's own tile buffers (reads of 4k-65k cells, benchmarks/README.md)."""
+BYTES_PER_CELL = 64
+"""Per-cell arrays of a unit (joinid, indptr, position, library size, labels)."""
+
+
+def _unit_sizes(budget_mb: int, num_workers: int, nnz: float, batch_size: int, block_cells: int):
+    """(unit_cells, read_cells): each worker's units in flight and reads stay within its share of the budget.
+
+    A whole shuffle block per unit when it fits, read in as few reads as fit (fewer reads = less TileDB CPU);
+    two reads are in flight when a unit takes several (one decoded while the next is read). When a block does
+    not fit, units are parts of it (its chunks are then read once per part).
+    """
+    share = budget_mb * 2**20 / max(1, num_workers)
+    unit_per_cell = nnz * UNITS_IN_FLIGHT * UNIT_BYTES_PER_NNZ + BYTES_PER_CELL
+    read_per_cell = nnz * READ_BYTES_PER_NNZ
+    unit = max(batch_size, block_cells)
+    if unit * unit_per_cell + unit * read_per_cell <= share:
+        return unit, unit
+    for reads in (2, 4, 8):  # the block in several reads, two in flight
+        read = -(-unit // reads)
+        if unit * unit_per_cell + 2 * read * read_per_cell <= share:
+            return unit, read
+    unit = max(batch_size, int(share / (unit_per_cell + 2 * read_per_cell / 8)))
+    return unit, max(1, unit // 8)
 
 
 def _resolve_seed(cfg: SomaDataConfig, seed: int | None, world_size: int) -> tuple[int, bool]:
@@ -322,9 +359,9 @@ def build_loader(
     if len(obs_joinids) == 0:
         logger.warning("value_filter %r selects no cells of %s", vf, uri)
     block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
-    bytes_per_cell = nnz * BYTES_PER_NNZ + 64
-    budget = cfg.memory_budget_mb * 2**20
-    unit_cells = max(batch_size, int(budget / (max(1, num_workers) * 2 * bytes_per_cell)))
+    unit_cells, read_cells = _unit_sizes(
+        cfg.memory_budget_mb, num_workers, nnz, batch_size, block_chunks * cfg.shuffle_chunk_cells
+    )
     spec = LoaderSpec(
         uri=uri,
         s3_endpoint_url=cfg.s3_endpoint_url,
@@ -341,6 +378,7 @@ def build_loader(
         remainder=cfg.remainder,
         max_tokens_per_cell=cfg.max_tokens_per_cell,
         unit_cells=unit_cells,
+        read_cells=read_cells,
         rank=rank,
         world_size=world_size,
         num_workers=num_workers,
@@ -377,4 +415,5 @@ def build_loader(
         epoch=epoch,
         seed_was_given=seed_given,
         multiprocessing_context=multiprocessing_context,
+        worker_processes=cfg.worker_processes,
     )

@@ -67,8 +67,9 @@ def _drain(loaders):
     return [c for p in per_rank for b in p for c in b]
 
 
-def test_two_ranks_two_workers_disjoint_complete_equal(atlas):
-    loaders = _loaders(atlas, 2, 2)
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_two_ranks_two_workers_disjoint_complete_equal(atlas, processes):
+    loaders = _loaders(atlas, 2, 2, worker_processes=processes)
     per_rank = [[b for b in ld] for ld in loaders]
     assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0]) == loaders[0].num_batches
     cells = [[c for b in p for c in _real(b)] for p in per_rank]
@@ -76,18 +77,18 @@ def test_two_ranks_two_workers_disjoint_complete_equal(atlas):
     assert sorted(cells[0] + cells[1]) == _epoch_cells(atlas)
     assert all(len(b["soma_joinid"]) == 16 for p in per_rank for b in p)
     # the same layout gives the same order again
-    again = [c for b in _loaders(atlas, 2, 2)[0] for c in _real(b)]
-    assert again == cells[0]
+    again = [c for b in _loaders(atlas, 2, 2, worker_processes=not processes)[0] for c in _real(b)]
+    assert again == cells[0], "threads and processes give the same order"
 
 
 @pytest.mark.parametrize(
     "before,after",
-    [((2, 0), (2, 0)), ((2, 2), (3, 0)), ((2, 0), (1, 2)), ((1, 1), (2, 1))],
-    ids=["same-world", "2x2-to-3x0", "2x0-to-1x2", "1x1-to-2x1"],
+    [((2, 0), (2, 0)), ((2, 2), (3, 0)), ((2, 0), (1, 2)), ((1, 1), (2, 1)), ((2, 2, True), (1, 2))],
+    ids=["same-world", "2x2-to-3x0", "2x0-to-1x2", "1x1-to-2x1", "2x2-processes-to-1x2-threads"],
 )
 def test_exact_resume_mid_epoch(atlas, before, after):
     epoch = _epoch_cells(atlas)
-    loaders = _loaders(atlas, *before)
+    loaders = _loaders(atlas, *before[:2], worker_processes=len(before) > 2)
     consumed, its = _consume(loaders, 5)
     states = [ld.state_dict() for ld in loaders]
     assert all(s == states[0] for s in states), "ranks must agree on the state"
@@ -110,7 +111,7 @@ def test_exact_resume_mid_epoch(atlas, before, after):
 
 def test_chained_resume_with_tiny_memory_budget(atlas, monkeypatch):
     """Blocks larger than the memory allowance are read in parts; two resumes in a row stay exact."""
-    monkeypatch.setattr("scldm_scale.data.loader.BYTES_PER_NNZ", 10**6)  # 1 MiB then holds ~1 cell
+    monkeypatch.setattr("scldm_scale.data.loader.BYTES_PER_CELL", 10**6)  # 1 MiB then holds ~1 cell
     epoch = _epoch_cells(atlas)
     kw = dict(shuffle_buffer_cells=256, memory_budget_mb=1)
     gen1 = _loaders(atlas, 2, 0, **kw)

@@ -1,0 +1,267 @@
+"""One (rank, worker)'s stream of `PackedBatch`es, read ahead in a thread under a byte budget (numpy only).
+
+The work pieces of `order.py` become load units (the cells of one block, or of part of one when the block
+exceeds the worker's memory allowance). A reading thread reads each unit, in joinid order, with one point read
+per `spec.read_cells` cells (`reader.read_block`); the consumer cuts the unit's stream order into `RowBatch`es
+(references to rows, gathered once when padded or packed). At most `UNITS_IN_FLIGHT` units exist at a time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from scldm_scale.data.context import make_soma_context
+from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
+from scldm_scale.data.packed import PackedBatch, RowBatch, mix64
+from scldm_scale.data.reader import CellBlock, TokenMap, read_block
+
+logger = logging.getLogger(__name__)
+
+UNITS_IN_FLIGHT = 2
+"""Load units a slot holds at once: the one being batched and the one being read (the prefetch)."""
+
+_live_prefetch: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_prefetch_threads() -> None:
+    """Let prefetch threads of abandoned iterators leave TileDB before the process exits (else C++ aborts)."""
+    for thread, stop in list(_live_prefetch.items()):
+        stop.set()
+        thread.join(timeout=60)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a worker needs to read its share (picklable; no open SOMA handle)."""
+
+    uri: str
+    s3_endpoint_url: str | None
+    measurement_name: str
+    layer_name: str
+    obs_joinids: np.ndarray
+    """Sorted soma_joinids of the cells matching the filter; a cell's *position* indexes this array."""
+    labels: np.ndarray
+    """int64 (n_cells, K) label ids aligned with obs_joinids."""
+    var_to_token: np.ndarray
+    """var soma_joinid -> token id (0 = not in the vocabulary)."""
+    batch_size: int
+    chunk_cells: int
+    block_chunks: int
+    shuffle: bool
+    seed: int
+    remainder: str
+    max_tokens_per_cell: int | None
+    unit_cells: int
+    """Most cells one load unit holds (from the byte budget, the number of workers and the nnz per cell)."""
+    read_cells: int
+    """Most cells per X read (its arrow result is the reader's transient memory)."""
+    rank: int
+    world_size: int
+    num_workers: int
+
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(len(self.obs_joinids), self.chunk_cells, self.block_chunks, self.seed, epoch, self.shuffle)
+
+    def slot(self, pieces: list[Piece], worker: int) -> Slot:
+        total = sum(e - s for _, s, e in pieces)
+        rows = layout(
+            total,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+            remainder=self.remainder,
+        )
+        return rows[self.rank][worker]
+
+
+@dataclass
+class _Unit:
+    block: CellBlock  # cells in joinid order
+    rows: np.ndarray  # row of each cell of the stream in `block`
+    positions: np.ndarray  # position of each cell of the stream
+    is_padding: bool
+
+
+def cap_seed(spec: LoaderSpec, epoch: int) -> int:
+    """Seed of the token cap's gene subsampling in `epoch`."""
+    return int(mix64(np.array([spec.seed * 1_000_003 + epoch], np.uint64))[0])
+
+
+def _units(spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot) -> Iterator[tuple[np.ndarray, bool]]:
+    """(positions in stream order, is_padding) per load unit of this slot."""
+    order = spec.order(epoch)
+    chunk_order = order.chunk_order()
+    unit = spec.unit_cells
+    cache: tuple[int, np.ndarray] | None = None
+    pad = slot.num_batches * spec.batch_size - slot.real
+    pad_pieces = take(pieces, slot.pad_start, min(pad, slot.pad_len)) if pad > 0 else []
+    for part, is_pad in ((take(pieces, slot.start, slot.real), False), (pad_pieces, True)):
+        positions_l = []
+        for b, s, e in part:
+            if cache is None or cache[0] != b:
+                cache = (b, order.block_positions(b, chunk_order))
+            if e - s > unit and not is_pad:
+                _warn_split(e - s, unit)
+            for lo in range(s, e, unit):
+                positions_l.append(cache[1][lo : min(e, lo + unit)])
+        if is_pad and positions_l:  # a few cells, repeated until the last batch is full
+            positions_l = [np.resize(np.concatenate(positions_l), pad)]
+        for positions in positions_l:
+            yield positions, is_pad
+
+
+def _read_units(
+    spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot, out: queue.Queue, stop, room
+) -> None:
+    """Prefetch thread: read each unit, holding at most UNITS_IN_FLIGHT units (`room`)."""
+    try:
+        import tiledbsoma
+
+        tokens = TokenMap(spec.var_to_token)
+        ctx = make_soma_context(spec.uri, spec.s3_endpoint_url)
+        with (
+            tiledbsoma.Experiment.open(spec.uri, context=ctx) as exp,
+            ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
+        ):
+            X = exp.ms[spec.measurement_name].X[spec.layer_name]
+            for positions, is_pad in _units(spec, epoch, pieces, slot):
+                while not room.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                sorted_pos = np.unique(positions)
+                block = read_block(X, spec.obs_joinids[sorted_pos], tokens, spec.read_cells, pool)
+                out.put(_Unit(block, np.searchsorted(sorted_pos, positions), positions, is_pad))
+        out.put(None)
+    except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
+        err = RuntimeError(f"loader reading {spec.uri!r} (rank {spec.rank}) failed: {exc}")
+        err.__cause__ = exc
+        out.put(err)
+    except BaseException as exc:
+        out.put(exc)
+
+
+def iter_slot(spec: LoaderSpec, epoch: int, pieces: list[Piece], worker: int) -> Iterator[RowBatch]:
+    """The batches of `worker`'s slot of `pieces` (the work left of `epoch`) on `spec.rank`."""
+    slot = spec.slot(pieces, worker)
+    if slot.num_batches == 0:
+        return
+    units: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    room = threading.Semaphore(UNITS_IN_FLIGHT)
+    thread = threading.Thread(
+        target=_read_units, args=(spec, epoch, pieces, slot, units, stop, room), daemon=True
+    )
+    _live_prefetch[thread] = stop
+    thread.start()
+    current: _Unit | None = None
+    cursor = 0
+    try:
+        for emitted in range(slot.num_batches):
+            parts, labels, flags = [], [], []
+            need = spec.batch_size
+            while need:
+                if current is None or cursor == len(current.positions):
+                    if current is not None:
+                        current = None
+                        room.release()
+                    item = units.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        raise RuntimeError(f"loader slot ran out of cells after {emitted} batches")
+                    current, cursor = item, 0
+                n = min(need, len(current.positions) - cursor)
+                parts.append((current.block, current.rows[cursor : cursor + n]))
+                labels.append(spec.labels[current.positions[cursor : cursor + n]])
+                flags.append(np.full(n, current.is_padding))
+                cursor += n
+                need -= n
+            yield RowBatch(
+                parts,
+                labels[0] if len(labels) == 1 else np.concatenate(labels),
+                flags[0] if len(flags) == 1 else np.concatenate(flags),
+            )
+    finally:
+        stop.set()
+        room.release()  # wakes a reader waiting for room
+        thread.join(timeout=30)
+
+
+_warned_split = False
+
+
+def _warn_split(piece_cells: int, unit_cells: int) -> None:
+    global _warned_split
+    if not _warned_split:
+        _warned_split = True
+        logger.warning(
+            "a shuffle block of %d cells exceeds the %d cells one worker may hold under data.memory_budget_mb; "
+            "it is read in parts (more IO). Lower data.shuffle_buffer_cells or data.num_workers, or raise the budget",
+            piece_cells,
+            unit_cells,
+        )
+
+
+def iter_workers(
+    spec: LoaderSpec, epoch: int, pieces: list[Piece], depth: int = 4
+) -> Iterator[PackedBatch]:
+    """The rank's batches from `spec.num_workers` worker threads, each streaming (and packing) its own slot.
+
+    Batch j of the rank comes from worker j % num_workers, as with a DataLoader, so the resume state and the
+    partition are the same with threads or processes. Each worker queues at most `depth` packed batches.
+    """
+    nw = max(1, spec.num_workers)
+    queues = [queue.Queue(maxsize=depth) for _ in range(nw)]
+    stop = threading.Event()
+
+    def run(worker: int) -> None:
+        q = queues[worker]
+        try:
+            stream = iter_slot(spec, epoch, pieces, worker)
+            try:
+                for rb in stream:
+                    if not _offer(q, rb.pack(), stop):
+                        return
+            finally:
+                stream.close()
+        except BaseException as exc:  # handed to the consumer, which re-raises it: never swallowed
+            _offer(q, exc, stop)
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True, name=f"scldm-worker-{w}") for w in range(nw)]
+    for thread in threads:
+        _live_prefetch[thread] = stop
+        thread.start()
+    total = sum(spec.slot(pieces, w).num_batches for w in range(nw))
+    try:
+        for j in range(total):
+            item = queues[j % nw].get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+
+def _offer(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put into a bounded queue unless the consumer has gone (then False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
