@@ -6,7 +6,9 @@ The atlas is synthetic (`data_pipelines.synthetic_atlas`): N cells x 2,000 genes
 another, built once and cached under --cache. Each loader runs one epoch over all cells with batches of 256
 in its own process (RSS is per loader and tiledbsoma_ml's spawn start method stays out of the others).
 Per loader: cells_per_s (steady state, after the first batch), first_batch_s (from construction), peak_rss_mb
-(the process and its workers, sampled every 50 ms; PSS beside it), cells_per_cpu_s (whole epoch over user + system
+(the process and its workers, sampled every 50 ms; PSS beside it), rss_before_mb (the process before the loader
+is built: interpreter, torch, TileDB-SOMA), loader_rss_mb (peak_rss_mb - rss_before_mb: what the loader adds,
+the quantity `data.memory_budget_mb` bounds), cells_per_cpu_s (whole epoch over user + system
 CPU seconds: comparable on a loaded machine), epoch_cells_per_s (whole epoch, first batch included),
 shuffle_quality (mean entropy of dataset_id within a batch
 over that of uniformly random batches of the same size; 1.0 is as good as random).
@@ -103,7 +105,7 @@ def _obs_dataset(uri: str) -> tuple[np.ndarray, int]:
     return out, int(codes.max()) + 1
 
 
-def _batches_scldm(uri: str, batch_size: int, workers: int, budget_mb: int):
+def _batches_scldm(uri: str, batch_size: int, workers: str, budget_mb: int):
     from scldm_scale.config.data import SomaDataConfig
     from scldm_scale.data import build_loader
 
@@ -113,20 +115,21 @@ def _batches_scldm(uri: str, batch_size: int, workers: int, budget_mb: int):
         micro_batch_size=batch_size,
         seed=0,
         label_columns=["dataset_id"],
-        num_workers=workers,
+        num_workers=int(workers.rstrip("p")),
+        worker_processes=workers.endswith("p"),
         memory_budget_mb=budget_mb,
     )
     for batch in build_loader(cfg, rank=0, world_size=1):
         yield batch["soma_joinid"].numpy()
 
 
-def _batches_tiledbsoma_ml(uri: str, batch_size: int, workers: int, budget_mb: int):
+def _batches_tiledbsoma_ml(uri: str, batch_size: int, workers: str, budget_mb: int):
     import tiledbsoma
     from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
     with tiledbsoma.Experiment.open(uri) as exp, exp.axis_query("RNA") as query:
         ds = ExperimentDataset(query, layer_name="raw", batch_size=batch_size, shuffle=True, seed=0)
-        for _X, obs in experiment_dataloader(ds, num_workers=workers):
+        for _X, obs in experiment_dataloader(ds, num_workers=int(workers.rstrip("p"))):
             yield obs["soma_joinid"].to_numpy()
 
 
@@ -134,7 +137,7 @@ SCAN_CELLS = 8192
 """Cells per contiguous read of the sequential scan (32 batches: the steady state is measurable)."""
 
 
-def _batches_scan(uri: str, batch_size: int, workers: int, budget_mb: int):
+def _batches_scan(uri: str, batch_size: int, workers: str, budget_mb: int):
     """Read X in storage order, contiguous slices of SCAN_CELLS, no decode: the storage ceiling."""
     import tiledbsoma
 
@@ -163,12 +166,15 @@ IMPORTS = {
 }
 
 
-def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) -> dict:
+def run_one(name: str, uri: str, batch_size: int, workers: str, budget_mb: int) -> dict:
     import importlib
 
     for module in IMPORTS[name]:  # process start-up is not the loader's first batch
         importlib.import_module(module)
+    import psutil
+
     dataset, k = _obs_dataset(uri)
+    rss_before = psutil.Process().memory_info().rss / 2**20
     rss = _RssPeak()
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
@@ -193,6 +199,8 @@ def run_one(name: str, uri: str, batch_size: int, workers: int, budget_mb: int) 
         "first_batch_s": round(first - t0, 3),
         "epoch_cells_per_s": round(len(dataset) / (end - t0), 1),
         "peak_rss_mb": round(peak_rss, 1),
+        "rss_before_mb": round(rss_before, 1),
+        "loader_rss_mb": round(peak_rss - rss_before, 1),
         "peak_pss_mb": round(peak_pss, 1),
         "shuffle_quality": round(float(np.mean(ent) / rand), 4),
         "cells_per_cpu_s": round(len(dataset) / max(cpu, 1e-9), 1),
@@ -211,7 +219,7 @@ def ensure_atlas(cache: Path, cells: int, genes: int, datasets: int) -> str:
     return str(uri)
 
 
-def _child(name: str, uri: str, args: argparse.Namespace, workers: int) -> dict:
+def _child(name: str, uri: str, args: argparse.Namespace, workers: str) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -222,7 +230,7 @@ def _child(name: str, uri: str, args: argparse.Namespace, workers: int) -> dict:
         "--batch-size",
         str(args.batch_size),
         "--workers",
-        str(workers),
+        workers,
         "--budget-mb",
         str(args.budget_mb),
     ]
@@ -240,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget-mb", type=int, default=1024, help="data.memory_budget_mb of the scldm_scale loader"
     )
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the headline runs")
+    p.add_argument("--workers", default="0", help="workers of the headline runs (N threads, Np processes)")
     p.add_argument(
-        "--rss-workers", default="0,1,2", help="scldm_scale worker counts checked against the budget"
+        "--rss-workers",
+        default="0,1,2,2p",
+        help="scldm_scale workers checked against the budget (N: threads, Np: DataLoader processes)",
     )
     p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/scldm_scale/bench")))
     p.add_argument("--json", type=Path, default=None)
@@ -258,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         result["loaders"][name] = _child(name, uri, args, args.workers)
         print(name, result["loaders"][name], file=sys.stderr, flush=True)
     budget = {"memory_budget_mb": args.budget_mb, "runs": {}}
-    for w in [int(x) for x in args.rss_workers.split(",") if x != ""]:
+    for w in [x for x in args.rss_workers.split(",") if x != ""]:
         r = _child("scldm_scale", uri, args, w)
-        budget["runs"][str(w)] = {
-            k: r[k] for k in ("cells_per_s", "first_batch_s", "peak_rss_mb", "peak_pss_mb")
-        }
+        keys = ("cells_per_s", "first_batch_s", "peak_rss_mb", "peak_pss_mb", "rss_before_mb", "loader_rss_mb")
+        budget["runs"][w] = {k: r[k] for k in keys}
+        budget["runs"][w]["loader_rss_within_budget"] = r["loader_rss_mb"] <= args.budget_mb
         print("scldm_scale workers", w, r, file=sys.stderr, flush=True)
     result["scldm_scale_memory"] = budget
     text = json.dumps(result, indent=2)

@@ -46,7 +46,7 @@ from scldm_scale.data.loader import (
 )
 from scldm_scale.data.order import EpochOrder
 from scldm_scale.data.packed import PackedBatch
-from scldm_scale.data.reader import CellBlock, read_block, take_rows
+from scldm_scale.data.reader import CellBlock, read_block
 from scldm_scale.data.stats import library_size_stats
 from scldm_scale.data.stream import LoaderSpec, iter_slot
 from scldm_scale.data.vocab import PAD_TOKEN, UNKNOWN_LABEL, GeneVocab, LabelVocab
@@ -70,6 +70,5 @@ __all__ = [
     "make_soma_context",
     "open_experiment",
     "read_block",
-    "take_rows",
     "unpack_batch",
 ]

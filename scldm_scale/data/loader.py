@@ -257,6 +257,8 @@ UNIT_BYTES_PER_NNZ = 8
 READ_BYTES_PER_NNZ = 38
 """Measured peak bytes per non-zero of one X read in flight: its arrow result (int64 row and column, float32
 value) and TileDB's own tile buffers (reads of 4k-65k cells, benchmarks/README.md)."""
+READS_IN_FLIGHT = 2
+"""X reads a worker has in flight: one decoded while the next is read (`stream._read_units`)."""
 BYTES_PER_CELL = 64
 """Per-cell arrays of a unit (joinid, indptr, position, library size, labels)."""
 
@@ -264,21 +266,18 @@ BYTES_PER_CELL = 64
 def _unit_sizes(budget_mb: int, num_workers: int, nnz: float, batch_size: int, block_cells: int):
     """(unit_cells, read_cells): each worker's units in flight and reads stay within its share of the budget.
 
-    A whole shuffle block per unit when it fits, read in as few reads as fit (fewer reads = less TileDB CPU);
-    two reads are in flight when a unit takes several (one decoded while the next is read). When a block does
-    not fit, units are parts of it (its chunks are then read once per part).
+    A whole shuffle block per unit when it fits, read in as few reads as fit. When a block does not fit, units
+    are parts of it (its chunks are then read once per part).
     """
     share = budget_mb * 2**20 / max(1, num_workers)
     unit_per_cell = nnz * UNITS_IN_FLIGHT * UNIT_BYTES_PER_NNZ + BYTES_PER_CELL
-    read_per_cell = nnz * READ_BYTES_PER_NNZ
+    read_per_cell = nnz * READ_BYTES_PER_NNZ * READS_IN_FLIGHT
     unit = max(batch_size, block_cells)
-    if unit * unit_per_cell + unit * read_per_cell <= share:
-        return unit, unit
-    for reads in (2, 4, 8):  # the block in several reads, two in flight
+    for reads in (1, 2, 4, 8):  # as few reads per block as fit (fewer reads = less TileDB CPU)
         read = -(-unit // reads)
-        if unit * unit_per_cell + 2 * read * read_per_cell <= share:
+        if unit * unit_per_cell + read * read_per_cell <= share:
             return unit, read
-    unit = max(batch_size, int(share / (unit_per_cell + 2 * read_per_cell / 8)))
+    unit = max(batch_size, int(share / (unit_per_cell + read_per_cell / 8)))
     return unit, max(1, unit // 8)
 
 

@@ -10,14 +10,10 @@ benchmark's atlas), and 1.3-1.5x less than one slice read per chunk: TileDB deco
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 import tiledbsoma
-
-TAKE_ROWS_PIECE = 16384
-"""Rows gathered at a time by `take_rows` (bounds its int64 index transient)."""
 
 
 def token_dtype(num_tokens: int) -> np.dtype:
@@ -113,58 +109,42 @@ def _library(counts: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read(X: tiledbsoma.SparseNDArray, group: np.ndarray):
+def split_groups(joinids: np.ndarray, group_cells: int) -> list[np.ndarray]:
+    """The read groups of a unit's sorted joinids (one X read each)."""
+    step = max(1, group_cells)
+    return [joinids[lo : lo + step] for lo in range(0, len(joinids), step)]
+
+
+def read_group(X: tiledbsoma.SparseNDArray, group: np.ndarray):
+    """One X read of the cells `group` (ascending joinids): the arrow table (TileDB runs without the GIL)."""
     return X.read(coords=(_coords(group),)).tables().concat()
 
 
-def read_block(
-    X: tiledbsoma.SparseNDArray,
-    joinids: np.ndarray,
-    tokens: TokenMap | np.ndarray,
-    group_cells: int,
-    executor: Executor | None = None,
-) -> CellBlock:
-    """Read the cells `joinids` (ascending, unique) of X into a CellBlock in that order.
+def decode_group(table, group: np.ndarray, tokens: TokenMap):
+    """(cells' token counts, tokens, counts) of `read_group(X, group)`'s table."""
+    return _decode(table, group, tokens)
 
-    One point read per `group_cells` cells. With an `executor` the next group's read runs in it while this
-    thread decodes the current one (TileDB reads without the GIL): at most two arrow results exist at a time.
-    """
-    tokens = tokens if isinstance(tokens, TokenMap) else TokenMap(tokens)
-    step = max(1, group_cells)
-    groups = [joinids[lo : lo + step] for lo in range(0, len(joinids), step)]
-    parts = []
-    pending = executor.submit(_read, X, groups[0]) if executor is not None and groups else None
-    for i, group in enumerate(groups):
-        if pending is None:
-            table = _read(X, group)
-        else:
-            table = pending.result()
-            pending = executor.submit(_read, X, groups[i + 1]) if i + 1 < len(groups) else None
-        parts.append(_decode(table, group, tokens))
-        del table
+
+def assemble(joinids: np.ndarray, parts: list, dtype: np.dtype) -> CellBlock:
+    """The CellBlock of the decoded groups `parts` of the cells `joinids`, in order."""
     if not parts:
-        parts = [(np.zeros(0, np.int64), np.zeros(0, tokens.dtype), np.zeros(0, np.float32))]
+        parts = [(np.zeros(0, np.int64), np.zeros(0, dtype), np.zeros(0, np.float32))]
     lengths, tok, val = (p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts, strict=True))
     indptr = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=indptr[1:])
     return CellBlock(joinids.astype(np.int64), indptr, tok, val, _library(val, indptr))
 
 
-def take_rows(block: CellBlock, rows: np.ndarray, piece: int = TAKE_ROWS_PIECE) -> CellBlock:
-    """The rows `rows` of `block` (any order, repeats allowed) as a new CellBlock, gathered in pieces."""
-    lengths = block.indptr[rows + 1] - block.indptr[rows]
-    indptr = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    tokens = np.empty(int(indptr[-1]), block.tokens.dtype)
-    counts = np.empty(int(indptr[-1]), np.float32)
-    for lo in range(0, len(rows), piece):
-        hi = min(len(rows), lo + piece)
-        span = lengths[lo:hi]
-        src = np.repeat(block.indptr[rows[lo:hi]] - (indptr[lo:hi] - indptr[lo]), span)
-        src += np.arange(len(src), dtype=np.int64)
-        np.take(block.tokens, src, out=tokens[indptr[lo] : indptr[hi]])
-        np.take(block.counts, src, out=counts[indptr[lo] : indptr[hi]])
-    return CellBlock(block.joinids[rows], indptr, tokens, counts, block.library_size[rows])
+def read_block(
+    X: tiledbsoma.SparseNDArray, joinids: np.ndarray, tokens: TokenMap | np.ndarray, group_cells: int
+) -> CellBlock:
+    """Read the cells `joinids` (ascending, unique) of X into a CellBlock in that order, `group_cells` per read.
+
+    The loader's reading thread does the same with the next read in flight while it decodes (`stream.py`).
+    """
+    tokens = tokens if isinstance(tokens, TokenMap) else TokenMap(tokens)
+    parts = [decode_group(read_group(X, g), g, tokens) for g in split_groups(joinids, group_cells)]
+    return assemble(joinids, parts, tokens.dtype)
 
 
 def nnz_per_cell(X: tiledbsoma.SparseNDArray, joinids: np.ndarray, sample_cells: int = 512) -> float:

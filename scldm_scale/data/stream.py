@@ -22,12 +22,13 @@ import numpy as np
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
 from scldm_scale.data.packed import PackedBatch, RowBatch, mix64
-from scldm_scale.data.reader import CellBlock, TokenMap, read_block
+from scldm_scale.data.reader import CellBlock, TokenMap, assemble, decode_group, read_group, split_groups
 
 logger = logging.getLogger(__name__)
 
-UNITS_IN_FLIGHT = 2
-"""Load units a slot holds at once: the one being batched and the one being read (the prefetch)."""
+UNITS_IN_FLIGHT = 3
+"""Load units a slot holds at once: the one being batched, one decoded and queued or being decoded, and one
+whose first read has started."""
 
 _live_prefetch: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
 
@@ -120,10 +121,29 @@ def _units(spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot) -> Ite
             yield positions, is_pad
 
 
+@dataclass
+class _Plan:
+    positions: np.ndarray
+    is_padding: bool
+    sorted_positions: np.ndarray
+    joinids: np.ndarray
+    groups: list[np.ndarray]
+
+
+def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool) -> _Plan:
+    sorted_pos = np.unique(positions)
+    joinids = spec.obs_joinids[sorted_pos]
+    return _Plan(positions, is_pad, sorted_pos, joinids, split_groups(joinids, spec.read_cells))
+
+
 def _read_units(
     spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot, out: queue.Queue, stop, room
 ) -> None:
-    """Prefetch thread: read each unit, holding at most UNITS_IN_FLIGHT units (`room`)."""
+    """Prefetch thread: read and decode each unit, holding at most UNITS_IN_FLIGHT units (`room`).
+
+    The next X read (of this unit, or the next unit's first when there is room) runs in a pool thread while
+    this thread decodes the current one, so TileDB never waits for numpy: at most two reads are in flight.
+    """
     try:
         import tiledbsoma
 
@@ -134,15 +154,34 @@ def _read_units(
             ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
         ):
             X = exp.ms[spec.measurement_name].X[spec.layer_name]
-            for positions, is_pad in _units(spec, epoch, pieces, slot):
-                while not room.acquire(timeout=0.1):
-                    if stop.is_set():
+            units = _units(spec, epoch, pieces, slot)
+            item = next(units, None)
+            cur = _plan(spec, *item) if item is not None else None
+            pending = None  # the read of cur's first group when it was started ahead (its room is held)
+            while cur is not None:
+                if pending is None:
+                    if not _acquire(room, stop):
                         return
+                    pending = pool.submit(read_group, X, cur.groups[0])
+                parts, nxt = [], None
+                for i, group in enumerate(cur.groups):
+                    table = pending.result()
+                    pending = None
+                    if i + 1 < len(cur.groups):
+                        pending = pool.submit(read_group, X, cur.groups[i + 1])
+                    else:
+                        item = next(units, None)
+                        nxt = _plan(spec, *item) if item is not None else None
+                        if nxt is not None and room.acquire(blocking=False):  # never block here: the
+                            pending = pool.submit(read_group, X, nxt.groups[0])  # consumer awaits cur
+                    parts.append(decode_group(table, group, tokens))
+                    del table
                 if stop.is_set():
                     return
-                sorted_pos = np.unique(positions)
-                block = read_block(X, spec.obs_joinids[sorted_pos], tokens, spec.read_cells, pool)
-                out.put(_Unit(block, np.searchsorted(sorted_pos, positions), positions, is_pad))
+                block = assemble(cur.joinids, parts, tokens.dtype)
+                rows = np.searchsorted(cur.sorted_positions, cur.positions)
+                out.put(_Unit(block, rows, cur.positions, cur.is_padding))
+                cur = nxt
         out.put(None)
     except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
         err = RuntimeError(f"loader reading {spec.uri!r} (rank {spec.rank}) failed: {exc}")
@@ -150,6 +189,13 @@ def _read_units(
         out.put(err)
     except BaseException as exc:
         out.put(exc)
+
+
+def _acquire(room: threading.Semaphore, stop: threading.Event) -> bool:
+    while not room.acquire(timeout=0.1):
+        if stop.is_set():
+            return False
+    return not stop.is_set()
 
 
 def iter_slot(spec: LoaderSpec, epoch: int, pieces: list[Piece], worker: int) -> Iterator[RowBatch]:

@@ -12,6 +12,7 @@ from scldm_scale.data.collate import unpack_batch
 from scldm_scale.data.loader import (
     BYTES_PER_CELL,
     READ_BYTES_PER_NNZ,
+    READS_IN_FLIGHT,
     UNIT_BYTES_PER_NNZ,
     _unit_sizes,
 )
@@ -89,9 +90,8 @@ def test_token_dtype_widens_past_uint16():
 def test_unit_sizes_keep_every_worker_within_its_share(workers, budget_mb):
     nnz, block = 130.0, 65_536
     unit, read = _unit_sizes(budget_mb, workers, nnz, 256, block)
-    in_flight = 1 if read >= unit else 2
     held = unit * (nnz * UNITS_IN_FLIGHT * UNIT_BYTES_PER_NNZ + BYTES_PER_CELL)
-    held += in_flight * read * nnz * READ_BYTES_PER_NNZ
+    held += READS_IN_FLIGHT * read * nnz * READ_BYTES_PER_NNZ
     assert held <= budget_mb * 2**20 / max(1, workers) or unit == 256
     assert unit <= block and 1 <= read <= unit
     if budget_mb == 1024 and workers <= 1:
