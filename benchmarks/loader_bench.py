@@ -2,6 +2,9 @@
 
     python benchmarks/loader_bench.py --cells 200000 --json benchmarks/out/loader.json
 
+Each loader runs `--repeats` times (interleaved: scan, scldm_scale, tiledbsoma_ml, scan, ...) and every metric is
+the median over its runs: on a shared 2-core machine single runs move by +-20%.
+
 The atlas is synthetic (`data_pipelines.synthetic_atlas`): N cells x 2,000 genes in 8 datasets stored one after
 another, built once and cached under --cache. Each loader runs one epoch over all cells with batches of 256
 in its own process (RSS is per loader and tiledbsoma_ml's spawn start method stays out of the others).
@@ -209,6 +212,16 @@ def run_one(name: str, uri: str, batch_size: int, workers: str, budget_mb: int) 
     }
 
 
+def _median(runs: list[dict]) -> dict:
+    """Per numeric metric, the median over the runs (the runs' cells/s listed beside it)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(np.median([r[key] for r in runs]))
+    out["cells_per_s_runs"] = [r["cells_per_s"] for r in runs]
+    return out
+
+
 def ensure_atlas(cache: Path, cells: int, genes: int, datasets: int) -> str:
     uri = cache / f"synth_{cells}x{genes}_k{datasets}_s0"
     if not uri.exists():
@@ -256,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/scldm_scale/bench")))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs per loader (interleaved); each metric is the median"
+    )
     p.add_argument("--one", choices=sorted(LOADERS), help=argparse.SUPPRESS)
     p.add_argument("--atlas", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -263,14 +279,43 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args.one, args.atlas, args.batch_size, args.workers, args.budget_mb)))
         return 0
     uri = ensure_atlas(args.cache, args.cells, args.genes, args.datasets)
-    result: dict = {"cells": args.cells, "loaders": {}}
-    for name in ("sequential_scan", "scldm_scale", "tiledbsoma_ml"):
-        result["loaders"][name] = _child(name, uri, args, args.workers)
-        print(name, result["loaders"][name], file=sys.stderr, flush=True)
+    result: dict = {"cells": args.cells, "repeats": args.repeats, "loaders": {}}
+    names = ("sequential_scan", "scldm_scale", "tiledbsoma_ml")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(args.repeats):  # interleaved, so drift of a shared machine hits every loader alike
+        for name in names:
+            runs[name].append(_child(name, uri, args, args.workers))
+            print(name, rep, runs[name][-1], file=sys.stderr, flush=True)
+    for name in names:
+        result["loaders"][name] = _median(runs[name])
+    s = result["loaders"]
+    result["ratios"] = {
+        "scldm_scale_over_tiledbsoma_ml": round(
+            s["scldm_scale"]["cells_per_s"] / s["tiledbsoma_ml"]["cells_per_s"], 3
+        ),
+        "scldm_scale_over_sequential_scan": round(
+            s["scldm_scale"]["cells_per_s"] / s["sequential_scan"]["cells_per_s"], 3
+        ),
+        "per_repeat_over_scan": [
+            round(a["cells_per_s"] / b["cells_per_s"], 3)
+            for a, b in zip(runs["scldm_scale"], runs["sequential_scan"], strict=True)
+        ],
+        "per_repeat_over_tiledbsoma_ml": [
+            round(a["cells_per_s"] / b["cells_per_s"], 3)
+            for a, b in zip(runs["scldm_scale"], runs["tiledbsoma_ml"], strict=True)
+        ],
+    }
     budget = {"memory_budget_mb": args.budget_mb, "runs": {}}
     for w in [x for x in args.rss_workers.split(",") if x != ""]:
         r = _child("scldm_scale", uri, args, w)
-        keys = ("cells_per_s", "first_batch_s", "peak_rss_mb", "peak_pss_mb", "rss_before_mb", "loader_rss_mb")
+        keys = (
+            "cells_per_s",
+            "first_batch_s",
+            "peak_rss_mb",
+            "peak_pss_mb",
+            "rss_before_mb",
+            "loader_rss_mb",
+        )
         budget["runs"][w] = {k: r[k] for k in keys}
         budget["runs"][w]["loader_rss_within_budget"] = r["loader_rss_mb"] <= args.budget_mb
         print("scldm_scale workers", w, r, file=sys.stderr, flush=True)
