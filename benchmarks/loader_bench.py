@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scldm_scale.config.data import SomaDataConfig  # noqa: E402  (dataclasses only: no torch)
 
 
 def _entropy(ids: np.ndarray, k: int) -> float:
@@ -261,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget-mb", type=int, default=1024, help="data.memory_budget_mb of the scldm_scale loader"
     )
-    p.add_argument("--workers", default="0", help="workers of the headline runs (N threads, Np processes)")
+    p.add_argument(
+        "--workers",
+        default=str(SomaDataConfig.num_workers),
+        help="scldm_scale workers of the headline runs (N threads, Np processes; default: the config default)",
+    )
     p.add_argument(
         "--rss-workers",
         default="0,1,2,2p",

@@ -46,9 +46,10 @@ class SomaDataConfig:
     memory_budget_mb: int = 1024
     """Memory the loader's buffers may take per rank (MiB, all workers together): units held and read ahead,
     and TileDB's read buffers. Not counted: the interpreter and libraries, and forked worker processes' copies."""
-    num_workers: int = 0
-    """Reader workers per rank, each streaming its own share (0: one prefetch thread). Threads of the training
-    process by default (TileDB reads and numpy decode release the GIL; the budget bounds them all)."""
+    num_workers: int = 1
+    """Reader workers per rank, each streaming its own share and packing its batches ahead; the training thread
+    only pads them (0: it packs too; the partition and resume state of 0 and 1 are the same). Threads of the
+    training process by default (TileDB reads and numpy release the GIL; the budget bounds them all)."""
     worker_processes: bool = False
     """Run the workers as torch DataLoader processes instead of threads (each forked process also holds a copy
     of the trainer's pages, which the budget does not bound)."""
