@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scldm_scale workers of the headline runs (N threads, Np processes; default: the config default)",
     )
     p.add_argument(
+        "--tiledbsoma-ml-workers",
+        default="0",
+        help="DataLoader workers of tiledbsoma_ml (default 0, its fastest here: 1 spawned worker halves it)",
+    )
+    p.add_argument(
         "--rss-workers",
         default="0,1,2,2p",
         help="scldm_scale workers checked against the budget (N: threads, Np: DataLoader processes)",
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(args.repeats):  # interleaved, so drift of a shared machine hits every loader alike
         for name in names:
-            runs[name].append(_child(name, uri, args, args.workers))
+            workers = args.workers if name == "scldm_scale" else args.tiledbsoma_ml_workers
+            runs[name].append(_child(name, uri, args, workers))
             print(name, rep, runs[name][-1], file=sys.stderr, flush=True)
     for name in names:
         result["loaders"][name] = _median(runs[name])
