@@ -1,9 +1,11 @@
-"""One (rank, worker)'s stream of `PackedBatch`es, read ahead in a thread under a byte budget (numpy only).
+"""One (rank, worker)'s stream of `RowBatch`es, read ahead in threads under a byte budget (numpy only).
 
 The work pieces of `order.py` become load units (the cells of one block, or of part of one when the block
-exceeds the worker's memory allowance). A reading thread reads each unit, in joinid order, with one point read
-per `spec.read_cells` cells (`reader.read_block`); the consumer cuts the unit's stream order into `RowBatch`es
-(references to rows, gathered once when padded or packed). At most `UNITS_IN_FLIGHT` units exist at a time.
+exceeds the worker's memory allowance). A reading thread reads each unit in joinid order, one point read per
+`spec.read_cells` cells, the next read running in a pool thread while it decodes the current one; the consumer
+cuts the unit's stream order into `RowBatch`es (references to rows, gathered once when packed). At most
+`UNITS_IN_FLIGHT` units exist per worker. `iter_slot` is one worker; `iter_workers` runs `spec.num_workers` of
+them in threads and interleaves their batches in the DataLoader's round-robin order.
 """
 
 from __future__ import annotations
