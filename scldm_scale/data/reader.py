@@ -51,10 +51,8 @@ class TokenMap:
         self.all_in_vocab = bool((lut > 0).all())
 
     def __call__(self, d1: np.ndarray) -> np.ndarray:
-        if self.identity:  # token = var joinid + 1: skip the gather
-            tok = d1.astype(self.dtype)
-            tok += 1
-            return tok
+        if self.identity:  # token = var joinid + 1: skip the gather (one pass: add and narrow together)
+            return np.add(d1, 1, out=np.empty(len(d1), self.dtype), casting="unsafe")
         return self.lut[d1]
 
 
@@ -65,17 +63,22 @@ def _coords(group: np.ndarray):
     return group
 
 
-def _row_lengths(d0: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Values per cell of `group` in the sorted row coordinates `d0` (one pass over d0, no binary search in it)."""
+def _run_starts(d0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start offsets, row ids) of the runs of equal values in `d0`: one pass over d0."""
+    starts = np.concatenate([[0], np.flatnonzero(d0[1:] != d0[:-1]) + 1])
+    return starts, d0[starts]
+
+
+def _row_lengths(d0: np.ndarray, group: np.ndarray, runs=None) -> np.ndarray:
+    """Values per cell of `group` in the sorted row coordinates `d0` (no binary search in d0)."""
     lengths = np.zeros(len(group), np.int64)
     if len(d0) == 0:
         return lengths
-    starts = np.flatnonzero(d0[1:] != d0[:-1]) + 1
-    cells = d0[np.concatenate([[0], starts])]
+    starts, cells = _run_starts(d0) if runs is None else runs
     at = np.searchsorted(group, cells)
     if at[-1] >= len(group) or np.any(group[at] != cells):
         raise RuntimeError("X read returned cells that were not asked for")
-    lengths[at] = np.diff(np.concatenate([[0], starts, [len(d0)]]))
+    lengths[at] = np.diff(np.concatenate([starts, [len(d0)]]))
     return lengths
 
 
@@ -84,10 +87,14 @@ def _decode(table, group: np.ndarray, tokens: TokenMap):
     d0 = table.column("soma_dim_0").to_numpy()
     d1 = table.column("soma_dim_1").to_numpy()
     val = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
-    if len(d0) > 1 and np.any(d0[1:] < d0[:-1]):  # result order of a sparse read is not guaranteed
+    runs = _run_starts(d0) if len(d0) else None
+    # Result order of a sparse read is not guaranteed: d0 is sorted iff its run values increase (a decrease in
+    # d0 starts a run with a smaller value), checked on the runs, not on every value.
+    if runs is not None and np.any(runs[1][1:] <= runs[1][:-1]):
         order = np.argsort(d0, kind="stable")
         d0, d1, val = d0[order], d1[order], val[order]
-    lengths = _row_lengths(d0, group)
+        runs = _run_starts(d0)
+    lengths = _row_lengths(d0, group, runs)
     tok = tokens(d1)
     if not tokens.all_in_vocab:  # drop genes outside the vocabulary, then recount per cell
         keep = tok > 0

@@ -105,3 +105,21 @@ def test_worker_thread_errors_reach_the_consumer(small_atlas, tmp_path):
     loader.dataset.spec = type(spec)(**{**spec.__dict__, "uri": str(tmp_path / "gone")})
     with pytest.raises(Exception, match="gone"):
         next(iter(loader))
+
+
+def test_decode_sorts_an_unordered_read_result():
+    import pyarrow as pa
+
+    from scldm_scale.data.reader import _decode
+
+    table = pa.table(
+        {
+            "soma_dim_0": np.array([5, 5, 2, 2, 9, 2], np.int64),
+            "soma_dim_1": np.array([0, 1, 2, 3, 4, 0], np.int64),
+            "soma_data": np.arange(1, 7, dtype=np.float32),
+        }
+    )
+    lengths, tok, val = _decode(table, np.array([2, 5, 7, 9]), TokenMap(np.arange(1, 6)))
+    assert lengths.tolist() == [3, 2, 0, 1]
+    assert sorted(zip(tok[:3].tolist(), val[:3].tolist())) == [(1, 6.0), (3, 3.0), (4, 4.0)]
+    assert tok[3:].tolist() == [1, 2] and val[3:].tolist() == [1.0, 2.0] and tok[5] == 5
