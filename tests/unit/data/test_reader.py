@@ -122,4 +122,4 @@ def test_decode_sorts_an_unordered_read_result():
     lengths, tok, val = _decode(table, np.array([2, 5, 7, 9]), TokenMap(np.arange(1, 6)))
     assert lengths.tolist() == [3, 2, 0, 1]
     assert sorted(zip(tok[:3].tolist(), val[:3].tolist())) == [(1, 6.0), (3, 3.0), (4, 4.0)]
-    assert tok[3:].tolist() == [1, 2] and val[3:].tolist() == [1.0, 2.0] and tok[5] == 5
+    assert tok[3:].tolist() == [1, 2, 5] and val[3:].tolist() == [1.0, 2.0, 5.0]
