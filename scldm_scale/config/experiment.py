@@ -32,7 +32,8 @@ class LatentCacheConfig:
     mode: Literal["auto", "always", "never"] = "auto"
     """auto = cache when the training latents fit `max_bytes`; always; never (encode every batch on the fly)."""
     max_bytes: int = 2 * 2**30
-    """Budget: the cached latents of the whole training set must fit this (held in memory by every rank)."""
+    """Budget: the cached latents of the whole training set must fit this on disk (ranks memory-map them and
+    hold ~30 bytes per cell in memory)."""
     dir: str | None = None
     """Cache folder (sharded safetensors + index.json); None = `<train.run_dir>/latent_cache`."""
 

@@ -182,7 +182,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
         shuffle=cfg.data.shuffle,
     )
     logger.info("latent cache: %s (%d cells, %.1f MiB)", cache_dir, loader.num_cells, need / 2**20)
-    _fit_latent_stats(cfg, stage1, loader.cells[latent_cache.LATENTS])
+    _fit_latent_stats(cfg, stage1, loader.latent_sample(100_000))
     return loader
 
 

@@ -5,6 +5,9 @@ Layout under the cache folder: `shard-<rank>-of-<world>.safetensors` (latents (N
 soma_joinid (N,), library_size (N,)) and `index.json` (shards, cell count, latent shape, and the `key`
 that names the stage-1 checkpoint, atlas and filter the cache was built from; a cache whose key differs
 is rebuilt). Reading sorts cells by `soma_joinid`, so the order does not depend on the writer's world size.
+Readers memory-map the latents (the safetensors header is JSON: its offsets locate the raw array) and hold in
+memory only the small per-cell arrays and the sort index (~30 bytes per cell with one label column), so an
+atlas-sized cache costs disk, not the memory of every rank.
 
 Shape legend: N cells, B micro-batch, M latent tokens, L latent dim, K label columns.
 """
@@ -17,8 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scldm_scale.train.ldm_step import LATENTS
 
@@ -31,7 +35,7 @@ CACHED_KEYS = (LATENTS, "labels", "soma_joinid", "library_size")
 
 
 def estimate_bytes(num_cells: int, latent_shape: tuple[int, int], num_labels: int) -> int:
-    """Bytes the cache takes on disk and in each reader's memory."""
+    """Bytes the cache takes on disk (readers memory-map the latents)."""
     m, l_dim = latent_shape
     return num_cells * (4 * m * l_dim + 8 * num_labels + 8 + 4)
 
@@ -82,6 +86,35 @@ def write_shard(
     return seen
 
 
+_NUMPY_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_}
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size <= 0 or size > 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file (header size {size})")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _open_array(path: Path, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors file as a read-only memory map (nothing read until indexed)."""
+    header, start = _header(path)
+    if name not in header:
+        raise KeyError(f"{path}: no tensor {name!r} (has {sorted(header)})")
+    info = header[name]
+    if info["dtype"] not in _NUMPY_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    begin = info["data_offsets"][0]
+    shape = tuple(info["shape"])
+    if not all(shape):
+        return np.zeros(shape, _NUMPY_DTYPES[info["dtype"]])
+    return np.memmap(path, _NUMPY_DTYPES[info["dtype"]], mode="r", offset=start + begin, shape=shape)
+
+
 def write_index(cache_dir: str | Path, *, world_size: int, key: dict[str, Any]) -> dict[str, Any]:
     """Rank 0, after every shard is written (barrier): record the shards and the cache's key."""
     cache_dir = Path(cache_dir)
@@ -91,9 +124,9 @@ def write_index(cache_dir: str | Path, *, world_size: int, key: dict[str, Any]) 
         raise FileNotFoundError(f"latent cache {cache_dir}: shards missing {missing}")
     counts, shape = [], None
     for s in shards:
-        t = load_file(str(cache_dir / s))
-        counts.append(int(t["soma_joinid"].shape[0]))
-        shape = list(t[LATENTS].shape[1:])
+        header = _header(cache_dir / s)[0]
+        counts.append(int(header["soma_joinid"]["shape"][0]))
+        shape = list(header[LATENTS]["shape"][1:])
     index = {
         "shards": shards,
         "num_cells_per_shard": counts,
@@ -132,16 +165,36 @@ class LatentCacheLoader:
         shuffle: bool = True,
     ) -> None:
         index = json.loads((Path(cache_dir) / INDEX_FILE).read_text())
-        shards = [load_file(str(Path(cache_dir) / s)) for s in index["shards"]]
-        cells = {k: torch.cat([s[k] for s in shards]) for k in CACHED_KEYS}
-        order = torch.argsort(cells["soma_joinid"])
-        self.cells = {k: v[order] for k, v in cells.items()}
+        paths = [Path(cache_dir) / s for s in index["shards"]]
+        self._latents = [_open_array(p, LATENTS) for p in paths]
+        small = {k: [torch.from_numpy(np.array(_open_array(p, k))) for p in paths] for k in CACHED_KEYS[1:]}
+        shard = torch.cat([torch.full((len(x),), i, dtype=torch.int32) for i, x in enumerate(self._latents)])
+        row = torch.cat([torch.arange(len(x)) for x in self._latents])
+        joinids = torch.cat(small["soma_joinid"])
+        order = torch.argsort(joinids)
+        self.meta = {k: torch.cat(v)[order] for k, v in small.items()}
+        self._shard, self._row = shard[order].numpy(), row[order].numpy()
         self.num_cells = int(order.numel())
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
         if self.num_cells < world_size:
             raise ValueError(f"latent cache has {self.num_cells} cells for {world_size} ranks")
+
+    def latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """Latents (len(idx), M, L) of the cells at sorted positions `idx`: rows read per shard in file order."""
+        idx = idx.numpy()
+        out = np.empty((len(idx), *self._latents[0].shape[1:]), np.float32)
+        shard, row = self._shard[idx], self._row[idx]
+        for s in np.unique(shard):
+            at = np.flatnonzero(shard == s)
+            at = at[np.argsort(row[at], kind="stable")]  # ascending file offsets: sequential page reads
+            out[at] = self._latents[s][row[at]]
+        return torch.from_numpy(out)
+
+    def latent_sample(self, n: int) -> torch.Tensor:
+        """Latents of the first `n` cells in `soma_joinid` order (for fitting normalisation statistics)."""
+        return self.latents(torch.arange(min(n, self.num_cells)))
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -167,7 +220,7 @@ class LatentCacheLoader:
             start = self.position * self.micro_batch_size
             idx = order[start : start + self.micro_batch_size]
             self.position += 1
-            yield {k: v[idx] for k, v in self.cells.items()}
+            yield {LATENTS: self.latents(idx), **{k: v[idx] for k, v in self.meta.items()}}
 
     def state_dict(self) -> dict[str, int]:
         """Epoch and batches already yielded in it."""

@@ -1,0 +1,67 @@
+"""The stage-2 latent cache: shards written per rank, read back memory-mapped, sorted by soma_joinid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scldm_scale.train.latent_cache import LATENTS, LatentCacheLoader, write_index, write_shard
+
+M, L = 3, 4
+
+
+def _cells(joinids: list[int]) -> dict[str, torch.Tensor]:
+    j = torch.tensor(joinids)
+    return {
+        "soma_joinid": j,
+        "labels": torch.stack([j % 3, j % 5], 1),
+        "library_size": j.float() * 10,
+        "z": j.float()[:, None, None] + torch.arange(M * L).float().reshape(1, M, L) / 100,
+    }
+
+
+@pytest.fixture
+def cache(tmp_path):
+    rng = np.random.default_rng(0)
+    joinids = rng.permutation(np.arange(100, 157)).tolist()  # 57 cells, written by 2 "ranks" out of order
+    for rank, part in enumerate((joinids[:30], joinids[30:])):
+        batches = [_cells(part[i : i + 8]) for i in range(0, len(part), 8)]
+        write_shard(tmp_path, batches, lambda b: b["z"], rank=rank, world_size=2)
+    index = write_index(tmp_path, world_size=2, key={"k": 1})
+    assert index["num_cells"] == 57 and index["latent_shape"] == [M, L]
+    return tmp_path
+
+
+def test_reads_are_memory_mapped_and_match_what_was_written(cache):
+    loader = LatentCacheLoader(cache, rank=0, world_size=1, micro_batch_size=8, seed=3)
+    assert all(isinstance(x, np.memmap) for x in loader._latents)  # nothing loaded up front
+    assert loader.meta["soma_joinid"].tolist() == list(range(100, 157))
+    seen = []
+    for batch in loader:
+        want = _cells(batch["soma_joinid"].tolist())
+        torch.testing.assert_close(batch[LATENTS], want["z"])
+        assert torch.equal(batch["labels"], want["labels"]) and torch.equal(batch["library_size"], want["library_size"])
+        seen += batch["soma_joinid"].tolist()
+    assert sorted(seen) == list(range(100, 157))
+    torch.testing.assert_close(loader.latent_sample(5), _cells(list(range(100, 105)))["z"])
+
+
+def test_ranks_disjoint_equal_and_resume_exact(cache):
+    loaders = [LatentCacheLoader(cache, rank=r, world_size=2, micro_batch_size=5, seed=1) for r in range(2)]
+    per_rank = [[b["soma_joinid"].tolist() for b in ld] for ld in loaders]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0])
+    flat = [sum(p, []) for p in per_rank]
+    assert not set(flat[0]) & set(flat[1])
+    first = LatentCacheLoader(cache, rank=0, world_size=2, micro_batch_size=5, seed=1)
+    it = iter(first)
+    head = [next(it)["soma_joinid"].tolist() for _ in range(2)]
+    resumed = LatentCacheLoader(cache, rank=0, world_size=2, micro_batch_size=5, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["soma_joinid"].tolist() for b in resumed] == per_rank[0]
+
+
+def test_a_file_that_is_not_safetensors_is_named(cache):
+    (cache / "shard-00001-of-00002.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="shard-00001-of-00002.safetensors"):
+        LatentCacheLoader(cache, rank=0, world_size=1, micro_batch_size=8)
