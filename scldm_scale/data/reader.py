@@ -82,8 +82,8 @@ def _row_lengths(d0: np.ndarray, group: np.ndarray, runs=None) -> np.ndarray:
     return lengths
 
 
-def _decode(table, group: np.ndarray, tokens: TokenMap):
-    """(cells' token counts, tokens, counts) of one read of the cells `group` (ascending joinids)."""
+def decode_group(table, group: np.ndarray, tokens: TokenMap):
+    """(cells' token counts, tokens, counts) of `read_group(X, group)`'s table (cells `group`, ascending)."""
     d0 = table.column("soma_dim_0").to_numpy()
     d1 = table.column("soma_dim_1").to_numpy()
     val = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
@@ -125,11 +125,6 @@ def split_groups(joinids: np.ndarray, group_cells: int) -> list[np.ndarray]:
 def read_group(X: tiledbsoma.SparseNDArray, group: np.ndarray):
     """One X read of the cells `group` (ascending joinids): the arrow table (TileDB runs without the GIL)."""
     return X.read(coords=(_coords(group),)).tables().concat()
-
-
-def decode_group(table, group: np.ndarray, tokens: TokenMap):
-    """(cells' token counts, tokens, counts) of `read_group(X, group)`'s table."""
-    return _decode(table, group, tokens)
 
 
 def assemble(joinids: np.ndarray, parts: list, dtype: np.dtype) -> CellBlock:

@@ -110,7 +110,7 @@ def test_worker_thread_errors_reach_the_consumer(small_atlas, tmp_path):
 def test_decode_sorts_an_unordered_read_result():
     import pyarrow as pa
 
-    from scldm_scale.data.reader import _decode
+    from scldm_scale.data.reader import decode_group
 
     table = pa.table(
         {
@@ -119,7 +119,7 @@ def test_decode_sorts_an_unordered_read_result():
             "soma_data": np.arange(1, 7, dtype=np.float32),
         }
     )
-    lengths, tok, val = _decode(table, np.array([2, 5, 7, 9]), TokenMap(np.arange(1, 6)))
+    lengths, tok, val = decode_group(table, np.array([2, 5, 7, 9]), TokenMap(np.arange(1, 6)))
     assert lengths.tolist() == [3, 2, 0, 1]
     assert sorted(zip(tok[:3].tolist(), val[:3].tolist())) == [(1, 6.0), (3, 3.0), (4, 4.0)]
     assert tok[3:].tolist() == [1, 2, 5] and val[3:].tolist() == [1.0, 2.0, 5.0]
