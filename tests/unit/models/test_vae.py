@@ -176,3 +176,20 @@ def test_overfit_real_cells_nll_drops():
     vae.eval()
     final = vae.loss(batch).terms["nll"].item()
     assert final < 0.5 * first, (first, final)
+
+
+def test_truncated_cells_score_only_their_kept_genes(vae):
+    """A truncated cell's genes outside its tokens are unknown (dropped by the cap): they are left out of its
+    reconstruction loss, while a whole cell's absent genes are zeros and scored."""
+    b = _batch()
+    b["truncated"] = torch.tensor([True, False, False])
+    posterior = vae.encode(b["gene_ids"], b["counts"], b["mask"])
+    params = vae.decode(posterior.mean, b["library_size"])
+    x = vae.dense_targets(b["gene_ids"], b["counts"], b["mask"])
+    per_gene = -nb_log_prob(x, params["mu"], params["theta"])
+    kept0 = torch.zeros(G, dtype=torch.bool)
+    kept0[b["gene_ids"][0][b["mask"][0]] - 1] = True
+    want = torch.stack([per_gene[0][kept0].sum(), per_gene[1].sum(), per_gene[2].sum()]).mean()
+    torch.testing.assert_close(vae.loss(b).terms["nll"], want)
+    b["truncated"][:] = False  # the same batch without the flag scores every gene of every cell
+    torch.testing.assert_close(vae.loss(b).terms["nll"], per_gene.sum(-1).mean())
