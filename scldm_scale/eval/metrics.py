@@ -23,19 +23,29 @@ def log1p_normalize(counts: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
 
 
 def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
-    """Indices of the `n_top` most variable genes, seurat_v3 style on raw counts.
+    """Indices (sorted) of the `n_top` most variable genes by seurat_v3 on raw counts (Stuart et al. 2019), as
+    scanpy's `highly_variable_genes(flavor="seurat_v3")` computes it for one batch.
 
-    Fits log10 variance against log10 mean (a quadratic stands in for seurat_v3's loess), standardises each
-    gene by the fitted std with values clipped at sqrt(N), and ranks by the variance of the standardised values.
+    A loess (span 0.3, degree 2; scikit-misc, as scanpy) of log10 variance on log10 mean gives each gene's
+    expected std; counts are clipped at mean + std * sqrt(N); genes rank by the variance of the standardised,
+    clipped counts around the mean. Constant genes rank last.
     """
+    from skmisc.loess import loess
+
     counts = np.asarray(counts, dtype=np.float64)
     n = counts.shape[0]
     mean, var = counts.mean(0), counts.var(0, ddof=1)
     ok = var > 0
-    coef = np.polyfit(np.log10(mean[ok]), np.log10(var[ok]), deg=2)
-    std_fit = np.sqrt(10 ** np.polyval(coef, np.log10(np.where(mean > 0, mean, 1e-12))))
-    z = np.clip((counts - mean) / np.where(std_fit > 0, std_fit, 1.0), None, np.sqrt(n))
-    score = np.where(ok, z.var(0, ddof=1), -np.inf)
+    if ok.sum() < 10:
+        raise ValueError(f"seurat_v3 HVG selection needs >= 10 non-constant genes, got {int(ok.sum())}")
+    fitted = np.zeros_like(mean)
+    model = loess(np.log10(mean[ok]), np.log10(var[ok]), span=0.3, degree=2)
+    model.fit()
+    fitted[ok] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**fitted)
+    clipped = np.minimum(counts, mean + reg_std * np.sqrt(n))
+    norm_var = ((clipped - mean) ** 2).sum(0) / ((n - 1) * reg_std**2)
+    score = np.where(ok, norm_var, -np.inf)
     return np.sort(np.argsort(-score, kind="stable")[: min(n_top, counts.shape[1])])
 
 
