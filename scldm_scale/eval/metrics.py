@@ -7,10 +7,13 @@ numpy / scipy / POT on dense arrays of cells x features; torch-free.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import linalg
+
+logger = logging.getLogger(__name__)
 
 RBF_SIGMAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -22,6 +25,23 @@ def log1p_normalize(counts: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
     return np.log1p(target_sum * counts / np.where(totals > 0, totals, 1.0))
 
 
+def _mean_variance_trend(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Fitted log10 variance: seurat_v3's loess (span 0.3, degree 2). On few cells many genes share a mean and
+    the loess can be singular (scanpy then fails); wider spans are tried, then a quadratic, with a warning."""
+    from skmisc.loess import loess
+
+    for span in (0.3, 0.5, 0.8):
+        try:
+            model = loess(x, y, span=span, degree=2)
+            model.fit()
+        except ValueError as exc:
+            logger.warning("HVG loess with span %.1f failed (%s); trying a wider span", span, exc)
+            continue
+        return np.asarray(model.outputs.fitted_values)
+    logger.warning("HVG loess failed at every span: a quadratic mean-variance trend stands in")
+    return np.polyval(np.polyfit(x, y, deg=2), x)
+
+
 def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
     """Indices (sorted) of the `n_top` most variable genes by seurat_v3 on raw counts (Stuart et al. 2019), as
     scanpy's `highly_variable_genes(flavor="seurat_v3")` computes it for one batch.
@@ -30,8 +50,6 @@ def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
     expected std; counts are clipped at mean + std * sqrt(N); genes rank by the variance of the standardised,
     clipped counts around the mean. Constant genes rank last.
     """
-    from skmisc.loess import loess
-
     counts = np.asarray(counts, dtype=np.float64)
     n = counts.shape[0]
     mean, var = counts.mean(0), counts.var(0, ddof=1)
@@ -39,9 +57,7 @@ def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
     if ok.sum() < 10:
         raise ValueError(f"seurat_v3 HVG selection needs >= 10 non-constant genes, got {int(ok.sum())}")
     fitted = np.zeros_like(mean)
-    model = loess(np.log10(mean[ok]), np.log10(var[ok]), span=0.3, degree=2)
-    model.fit()
-    fitted[ok] = model.outputs.fitted_values
+    fitted[ok] = _mean_variance_trend(np.log10(mean[ok]), np.log10(var[ok]))
     reg_std = np.sqrt(10**fitted)
     clipped = np.minimum(counts, mean + reg_std * np.sqrt(n))
     norm_var = ((clipped - mean) ** 2).sum(0) / ((n - 1) * reg_std**2)

@@ -77,3 +77,14 @@ def test_hvg_matches_scanpy_seurat_v3_on_real_cells():
     want = np.flatnonzero(adata.var["highly_variable"].to_numpy())
     got = highly_variable_genes(adata.X, 500)
     assert len(got) == 500 and np.array_equal(got, want)
+
+
+def test_hvg_on_few_cells_falls_back_instead_of_failing(caplog):
+    """48 sparse cells: many genes share a mean and seurat_v3's loess is singular (scanpy raises)."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(0.3, 0.2, size=400), size=(48, 400)).astype(float)
+    counts[:, 5] = rng.poisson(30.0, size=48) * (rng.random(48) < 0.5)  # overdispersed
+    with caplog.at_level("WARNING"):
+        hvg = highly_variable_genes(counts, 50)
+    assert len(hvg) == 50 and 5 in hvg
+    assert "HVG loess with span 0.3 failed" in caplog.text  # the fallback, not the loess, chose them
