@@ -1,6 +1,6 @@
 """`SomaCellDataset`: the slot streams of `stream.py` as a torch IterableDataset (one slot per DataLoader worker).
 
-`SomaLoader` uses it when `data.num_workers > 0`; use it directly with
+`SomaLoader` uses it for DataLoader worker processes (`data.worker_processes=true`); use it directly with
 `DataLoader(ds, batch_size=None, num_workers=spec.num_workers)` after `set_work(...)`, calling
 `collate.unpack_batch` on what it yields (in the consumer: padded tensors are costly to send between processes).
 """

@@ -1,7 +1,7 @@
 """Batches before padding (numpy only): `RowBatch` (rows of read blocks) and `PackedBatch` (gathered, ragged).
 
-In one process a RowBatch is padded straight from the blocks (`collate.pad_rows`). A worker process packs it
-(`RowBatch.pack`) to send it through a pipe, and the consumer pads the PackedBatch (`collate.unpack_batch`).
+A worker (thread or process) packs each RowBatch once (`RowBatch.pack`), and the consumer pads the PackedBatch
+(`collate.unpack_batch`); with no worker the consumer does both.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PackedBatch:
-    """Cells one after another: tokens and counts of cell i are `[offsets[i], offsets[i + 1])`."""
+    """Cells one after another: cell i's tokens and counts follow those of cells 0..i-1 (`lengths[i]` of them)."""
 
     lengths: np.ndarray  # int64 (B,) tokens per cell, after the cap
     tokens: np.ndarray  # uint16 / int32 (nnz,)
@@ -48,8 +48,7 @@ class PackedBatch:
 class RowBatch:
     """A batch as references: rows of read blocks (a batch may straddle two load units), not yet gathered.
 
-    `pack()` gathers it into a PackedBatch (to send from a worker process); `collate.pad_rows` gathers it
-    straight into padded arrays (in-process: one gather, no intermediate copy).
+    `pack()` gathers it into a PackedBatch, the one copy of its cells' data.
     """
 
     parts: list[tuple[CellBlock, np.ndarray]]  # (block, rows of the block in stream order)
