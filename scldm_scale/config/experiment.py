@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from scldm_scale.config._load import ConfigError
 from scldm_scale.config.checkpoint import CheckpointConfig
 from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.config.engine import EngineConfig
@@ -17,6 +18,8 @@ from scldm_scale.config.train import TrainConfig
 
 DEFAULT_STAGE1_RUN_DIR = "runs/vae-demo"
 """Stage-1 run_dir used by stage 2 when neither `stage1.checkpoint` nor `stage1.mlflow_run_id` is set."""
+DEFAULT_STAGE2_RUN_DIR = "runs/ldm-demo"
+"""Stage-2 run_dir: the default `train.run_dir` of stage 2, and the model generate / evaluate read by default."""
 
 
 @dataclass(kw_only=True)
@@ -97,7 +100,7 @@ class LDMExperimentConfig:
         default_factory=lambda: OptimConfig(lr=5e-4, betas=[0.9, 0.999], schedule="cosine")
     )
     """Optimizer and schedule (reference: AdamW 5e-4, cosine)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/ldm-demo"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir=DEFAULT_STAGE2_RUN_DIR))
     """Loop."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Parallel engine."""
@@ -110,11 +113,12 @@ class LDMExperimentConfig:
         problems = []
         if self.stage1.checkpoint is not None and self.stage1.mlflow_run_id is not None:
             problems.append("stage1.checkpoint and stage1.mlflow_run_id are exclusive: set only one")
-        n_weights, n_labels = len(self.flow.guidance_weights), len(self.data.label_columns)
-        if n_weights not in (0, n_labels):
-            problems.append(
-                f"flow.guidance_weights needs one weight per data.label_columns entry ({n_labels}), got {n_weights}"
-            )
+        # With auto label columns (data.label_columns: null) their number is known only once the atlas is
+        # open: the run checks it then (`check_guidance_weights`).
+        if self.data.label_columns is not None:
+            problem = _guidance_problem(self.flow.guidance_weights, self.data.label_columns)
+            if problem:
+                problems.append(problem)
         stage1_dir = self.stage1.checkpoint or (None if self.stage1.mlflow_run_id else DEFAULT_STAGE1_RUN_DIR)
         if stage1_dir is not None and _same_path(stage1_dir, self.train.run_dir):
             problems.append(
@@ -122,6 +126,26 @@ class LDMExperimentConfig:
                 "checkpoints; give stage 2 its own train.run_dir"
             )
         _raise(problems)
+
+
+def _guidance_problem(weights: list[float], label_columns: list[str]) -> str | None:
+    if len(weights) in (0, len(label_columns)):
+        return None
+    return (
+        f"flow.guidance_weights needs one weight per data.label_columns entry ({len(label_columns)}: "
+        f"{', '.join(label_columns)}), got {len(weights)}"
+    )
+
+
+def check_guidance_weights(cfg: LDMExperimentConfig, label_columns: list[str]) -> None:
+    """`flow.guidance_weights` against the run's resolved label columns (once the atlas is open).
+
+    Raises:
+        ConfigError: when there are weights, but not one per label column.
+    """
+    problem = _guidance_problem(cfg.flow.guidance_weights, label_columns)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _same_path(a: str, b: str) -> bool:

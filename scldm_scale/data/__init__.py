@@ -50,7 +50,8 @@ from scldm_scale.data.loader import (
 from scldm_scale.data.order import EpochOrder
 from scldm_scale.data.packed import PackedBatch
 from scldm_scale.data.reader import CellBlock, read_block
-from scldm_scale.data.stats import library_size_stats
+from scldm_scale.data.obs import read_label_ids
+from scldm_scale.data.stats import LibrarySizeStats, LogNormalFit, library_size_stats
 from scldm_scale.data.stream import LoaderSpec, iter_slot
 from scldm_scale.data.vocab import PAD_TOKEN, UNKNOWN_LABEL, GeneVocab, LabelVocab
 
@@ -69,7 +70,10 @@ __all__ = [
     "build_label_vocabs",
     "build_loader",
     "iter_slot",
+    "LibrarySizeStats",
+    "LogNormalFit",
     "library_size_stats",
+    "read_label_ids",
     "make_soma_context",
     "open_experiment",
     "read_block",

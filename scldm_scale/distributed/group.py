@@ -136,6 +136,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj` as a list in rank order on rank `dst` (None elsewhere); pickled in memory between
+    our own ranks only."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a group of size > 1)."""
     if _active():

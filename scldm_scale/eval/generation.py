@@ -1,105 +1,154 @@
-"""Generation through the prior and the decoder: latents by flow-matching ODE (with CFG), then NB parameters,
-then integer counts, with library sizes drawn from per-condition log-normal statistics of the training data.
+"""Generation through the prior and the decoder: latents by the flow-matching ODE (with classifier-free
+guidance), then NB parameters, then integer counts, with library sizes drawn from the per-condition log-normal
+statistics of the training cells (never from real cells).
 
-Uses the EMA weights of the DiT by default (the reference sampled with the raw weights). Single-device; the
-caller loops over batches of conditions.
+Every random draw of cell i (its ODE start, its library size, its counts) comes from a generator seeded by
+(seed, i), and cells are computed in fixed batches of global indices, so a seed gives the same cells whatever
+the batch a rank runs and whatever the number of ranks. Single-device.
 
 Shape legend: B cells, K label columns, G genes, M latent tokens, L latent dim.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from scldm_scale.data.stats import LibrarySizeStats
+from scldm_scale.data.vocab import LabelVocab
 from scldm_scale.flow.samplers import sample_ode
-from scldm_scale.models.dit.model import DiT
 from scldm_scale.models.ema import EMA
 from scldm_scale.models.latent import LatentStats
 from scldm_scale.models.vae.likelihood import sample_nb
 from scldm_scale.models.vae.model import TransformerVAE
 
-
-def _key(row: Sequence[int]) -> str:
-    return ",".join(str(int(v)) for v in row)
-
-
-@dataclass
-class LibrarySizeStats:
-    """Mean / std of natural-log library size per label combination, plus a global fit (JSON-able).
-
-    A condition is the full row of label ids (B, K); a row never seen in training (or seen in fewer than
-    `min_cells` cells) falls back to the global statistics. With K = 0 only the global fit exists.
-    """
-
-    global_mean: float = 0.0
-    global_std: float = 1.0
-    per_condition: dict[str, tuple[float, float]] = field(default_factory=dict)
-    min_cells: int = 2
-
-    @classmethod
-    def fit(cls, library_size, labels=None, min_cells: int = 2) -> LibrarySizeStats:
-        """Fit from library sizes (N,) and labels (N, K) (tensors or arrays; labels None = global only)."""
-        log_l = np.log(np.clip(np.asarray(library_size, dtype=np.float64), 1.0, None))
-        stats = cls(float(log_l.mean()), float(log_l.std()), {}, min_cells)
-        if labels is None:
-            return stats
-        labels = np.asarray(labels, dtype=np.int64).reshape(len(log_l), -1)
-        rows, inverse = np.unique(labels, axis=0, return_inverse=True)
-        for i, row in enumerate(rows):
-            vals = log_l[inverse.reshape(-1) == i]
-            if len(vals) >= min_cells:
-                stats.per_condition[_key(row)] = (float(vals.mean()), float(vals.std()))
-        return stats
-
-    def params(self, labels_BK: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of log library size per row, (B,) each, float64 on CPU."""
-        mean = torch.full((batch,), self.global_mean, dtype=torch.float64)
-        std = torch.full((batch,), self.global_std, dtype=torch.float64)
-        if labels_BK is None or labels_BK.shape[-1] == 0:
-            return mean, std
-        rows, inverse = torch.unique(labels_BK.cpu(), dim=0, return_inverse=True)
-        for i, row in enumerate(rows.tolist()):
-            hit = self.per_condition.get(_key(row))
-            if hit is not None:
-                mean[inverse == i], std[inverse == i] = hit
-        return mean, std
-
-    def sample(self, labels_BK: torch.Tensor | None, generator: torch.Generator | None = None,
-               batch: int | None = None) -> torch.Tensor:
-        """Draw library sizes exp(N(mu_c, sd_c)) per row, (B,) float32 on CPU."""
-        B = batch if labels_BK is None else labels_BK.shape[0]
-        mean, std = self.params(labels_BK, B)
-        eps = torch.randn(B, generator=generator, dtype=torch.float64)
-        return (mean + std * eps).exp().float()
-
-    def to_json(self) -> str:
-        return json.dumps({"global_mean": self.global_mean, "global_std": self.global_std,
-                           "per_condition": self.per_condition, "min_cells": self.min_cells})
-
-    @classmethod
-    def from_json(cls, text: str) -> LibrarySizeStats:
-        d = json.loads(text)
-        per = {k: (float(v[0]), float(v[1])) for k, v in d["per_condition"].items()}
-        return cls(d["global_mean"], d["global_std"], per, d.get("min_cells", 2))
+COUNT_COLUMN = "n"
+"""Column (CSV) or key (condition strings) holding the number of cells of a condition."""
 
 
-def sampling_model(dit: DiT, ema: EMA | None = None, use_ema: bool = True) -> nn.Module:
+def cell_seed(seed: int, index: int) -> int:
+    """The seed of cell `index` of a generation run seeded `seed` (independent streams per cell)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def cell_noise(seed: int, indices: Sequence[int], latent_shape: Sequence[int]
+               ) -> tuple[list[torch.Generator], torch.Tensor, torch.Tensor]:
+    """Per-cell generators and the first draws of each: the ODE start (B, M, L) and a standard normal (B,)
+    for the library size; the generators go on to draw the counts."""
+    gens = [torch.Generator().manual_seed(cell_seed(seed, i)) for i in indices]
+    x0 = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in gens])
+    eps = torch.cat([torch.randn(1, generator=g, dtype=torch.float64) for g in gens])
+    return gens, x0, eps
+
+
+def sampling_model(dit: nn.Module, ema: EMA | None = None, use_ema: bool = True) -> nn.Module:
     """The network to sample with: the EMA copy when given and `use_ema`, else the raw DiT."""
     return ema.module if (ema is not None and use_ema) else dit
 
 
+# ---------------------------------------------------------------------------------------------- conditions
+@dataclass
+class Condition:
+    """A label row to generate (`labels[j]` = id in column j, 0 = free) and how many cells."""
+
+    labels: tuple[int, ...]
+    count: int
+
+
+def _encode_row(values: dict[str, str], label_vocabs: dict[str, LabelVocab], source: str) -> tuple[int, ...]:
+    unknown = [k for k in values if k not in label_vocabs]
+    if unknown:
+        raise ValueError(f"{source}: {unknown} are not label columns of this model (it has {list(label_vocabs)})")
+    row = []
+    for col, vocab in label_vocabs.items():
+        value = values.get(col)
+        if value is None or value == "":
+            row.append(0)
+            continue
+        if value not in vocab.categories:
+            shown = vocab.categories[:8]
+            raise ValueError(f"{source}: {col}={value!r} was not seen in training; known values start with {shown}")
+        row.append(vocab.categories.index(value) + 1)
+    return tuple(row)
+
+
+def parse_condition(spec: str, label_vocabs: dict[str, LabelVocab]) -> Condition:
+    """`"col=value,col=value:count"` (columns left out are free; `:count` defaults to 1).
+
+    Example: `"dataset_id=pbmc700,cell_type=CD19+ B:200"`. Values with `,` or `:` need the CSV form.
+    """
+    body, _, count = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+    values = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"condition {spec!r}: {part!r} is not col=value")
+        values[key.strip()] = value.strip()
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"condition {spec!r}: the count after ':' must be an integer, got {count!r}") from None
+    if n < 0:
+        raise ValueError(f"condition {spec!r}: the count must be >= 0")
+    return Condition(_encode_row(values, label_vocabs, f"condition {spec!r}"), n)
+
+
+def read_conditions_csv(path: str | Path, label_vocabs: dict[str, LabelVocab]) -> list[Condition]:
+    """A CSV with some label columns and a count column `n`; one condition per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"conditions CSV {path} does not exist")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or COUNT_COLUMN not in rows[0]:
+        raise ValueError(f"{path}: needs a header with label columns and a count column {COUNT_COLUMN!r}")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        try:
+            n = int(row.pop(COUNT_COLUMN))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {i}: column {COUNT_COLUMN!r} must be an integer") from None
+        out.append(Condition(_encode_row(row, label_vocabs, f"{path} line {i}"), n))
+    return out
+
+
+def parse_conditions_all(specs: Sequence[str], csv_path: str | None,
+                         label_vocabs: dict[str, LabelVocab]) -> list[Condition]:
+    """Conditions from `"col=value,...:count"` strings or a CSV (one of the two)."""
+    if csv_path is not None:
+        return read_conditions_csv(csv_path, label_vocabs)
+    return [parse_condition(s, label_vocabs) for s in specs]
+
+
+def expand_conditions(conditions: Sequence[Condition], num_columns: int) -> torch.Tensor:
+    """(N, K) int64 label rows, each condition repeated `count` times, in the order given."""
+    rows = [c.labels for c in conditions for _ in range(c.count)]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), num_columns)
+
+
+def decode_labels(labels_NK: np.ndarray, label_vocabs: dict[str, LabelVocab]) -> dict[str, list[str | None]]:
+    """Label ids back to values per column (None for 0 = free / unknown)."""
+    out = {}
+    for j, (col, vocab) in enumerate(label_vocabs.items()):
+        cats = [None, *vocab.categories]
+        out[col] = [cats[int(v)] for v in labels_NK[:, j]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample_latents(
     dit: nn.Module,
     labels: torch.Tensor | None,
     num_cells: int | None = None,
     *,
+    x0: torch.Tensor | None = None,
     sampler: str = "heun",
     num_steps: int = 50,
     guidance_weights: Sequence[float] | None = None,
@@ -109,14 +158,16 @@ def sample_latents(
     latent_stats: LatentStats | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Latents (B, M, L) from noise by the ODE; labels (B, K) or None for unconditional (num_cells given)."""
+    """Latents (B, M, L) by the ODE from `x0` (or fresh noise); labels (B, K), or None for unconditional."""
     was_training = dit.training
     dit.eval()
     device = next(dit.parameters()).device
-    B = labels.shape[0] if labels is not None else num_cells
+    B = labels.shape[0] if labels is not None else (num_cells if x0 is None else x0.shape[0])
     if B is None:
-        raise ValueError("sample_latents needs labels or num_cells")
-    x0 = torch.randn((B, dit.num_tokens, dit.latent_dim), generator=generator, device="cpu").to(device)
+        raise ValueError("sample_latents needs labels, num_cells or x0")
+    if x0 is None:
+        x0 = torch.randn((B, dit.num_tokens, dit.latent_dim), generator=generator, device="cpu")
+    x0 = x0.to(device)
     labels = labels.to(device) if labels is not None else None
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -125,6 +176,65 @@ def sample_latents(
     z = sample_ode(velocity, x0, sampler, num_steps, atol, rtol)
     dit.train(was_training)
     return latent_stats.denormalize(z) if latent_stats is not None else z
+
+
+def sample_counts(params: dict[str, torch.Tensor], generators: Sequence[torch.Generator],
+                  library_size: torch.Tensor, target_sum: float) -> torch.Tensor:
+    """Integer counts (B, G) from decoder parameters, row i drawn with `generators[i]`.
+
+    NB: Gamma-Poisson draws. Gaussian head: the rounded mean reconstruction expm1(mean) L / target_sum.
+    """
+    if "mu" not in params:
+        scale = library_size.unsqueeze(-1) / target_sum
+        return (torch.expm1(params["mean"]).clamp_min(0) * scale).round()
+    mu, theta = params["mu"].cpu(), params["theta"].cpu()
+    rows = [
+        sample_nb(mu[i : i + 1], theta if theta.shape[0] == 1 else theta[i : i + 1], g)
+        for i, g in enumerate(generators)
+    ]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def generate_cells(
+    dit: nn.Module,
+    vae: TransformerVAE,
+    library_size_stats: LibrarySizeStats | None,
+    labels: torch.Tensor | None,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    gene_ids: torch.Tensor | None = None,
+    gene_chunk_size: int | None = None,
+    library_size: torch.Tensor | None = None,
+    **sample_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Generate the cells with global `indices` (B,) of a run seeded `seed`: latents -> NB -> counts.
+
+    Args:
+        dit: velocity network (EMA weights for the usual choice).
+        vae: frozen stage-1 model.
+        library_size_stats: per-condition log-normal library sizes (from the checkpoint manifest).
+        labels: (B, K) conditions (0 = free attribute), or None for unconditional generation.
+        indices: the cells' global indices; cell i's draws depend only on (seed, i).
+        gene_ids: genes to decode ((G,) ids); None = the whole vocabulary.
+        library_size: (B,) depths to decode at instead of drawing them (e.g. to reconstruct known cells).
+        **sample_kwargs: sampler, num_steps, guidance_weights, strategy, atol, rtol, latent_stats.
+
+    Returns:
+        {"z" (B, M, L) as the decoder sees it, "library_size" (B,), "counts" (B, G)} on CPU, plus the decoder
+        parameters ("mu", "theta" for NB; "mean" for the Gaussian head).
+    """
+    vae.eval()
+    gens, x0, eps = cell_noise(seed, indices, (dit.num_tokens, dit.latent_dim))
+    z = sample_latents(dit, labels, x0=x0, **sample_kwargs)
+    if library_size is None:
+        library_size = library_size_stats.sample(None if labels is None else labels.cpu().numpy(), eps.numpy())
+    library_size = library_size.float().cpu()
+    params = vae.decode(z, library_size.to(z.device), gene_ids=gene_ids, gene_chunk_size=gene_chunk_size)
+    counts = sample_counts(params, gens, library_size, vae.cfg.gaussian_target_sum)
+    return {"z": z.cpu(), "library_size": library_size, "counts": counts,
+            **{k: v.cpu() for k, v in params.items()}}
 
 
 @torch.no_grad()
@@ -136,39 +246,14 @@ def generate(
     num_cells: int | None = None,
     library_size_stats: LibrarySizeStats | None = None,
     library_size: torch.Tensor | None = None,
-    gene_ids: torch.Tensor | None = None,
-    gene_chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    **sample_kwargs,
+    seed: int = 0,
+    **kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Generate cells: latents -> decoder parameters -> integer counts.
-
-    Args:
-        dit: velocity network; pass `sampling_model(dit, ema)` to use the EMA weights (the default choice).
-        vae: frozen stage-1 model.
-        labels: (B, K) conditions (0 = free attribute), or None for unconditional generation of `num_cells`.
-        library_size_stats: draws library sizes per condition; or give `library_size` (B,) directly.
-        gene_ids: genes to decode ((G,) ids); None = the whole vocabulary.
-        gene_chunk_size: decoder gene chunk (bounds memory at large vocabularies).
-        generator: CPU generator for noise, library sizes and count sampling.
-        **sample_kwargs: sampler, num_steps, guidance_weights, strategy, atol, rtol, latent_stats.
-
-    Returns:
-        {"z", "library_size", "counts"} plus the decoder parameters ("mu", "theta" for NB; "mean" for the
-        Gaussian head, whose counts are the rounded mean reconstruction expm1(mean) L / target_sum, no noise).
-    """
-    vae.eval()
-    z = sample_latents(dit, labels, num_cells, generator=generator, **sample_kwargs)
-    if library_size is None:
-        if library_size_stats is None:
-            raise ValueError("generate needs library_size_stats or library_size")
-        library_size = library_size_stats.sample(labels, generator, batch=z.shape[0])
-    library_size = library_size.to(z.device)
-    params = vae.decode(z, library_size, gene_ids=gene_ids, gene_chunk_size=gene_chunk_size)
-    if "mu" in params:
-        cpu_gen = generator if (generator is None or z.device.type == "cpu") else None
-        counts = sample_nb(params["mu"], params["theta"], cpu_gen)
-    else:
-        scale = library_size.unsqueeze(-1) / vae.cfg.gaussian_target_sum
-        counts = (torch.expm1(params["mean"]).clamp_min(0) * scale).round()
-    return {"z": z, "library_size": library_size, "counts": counts, **params}
+    """Generate one batch of cells: indices 0..B-1 of a run seeded `seed` (see `generate_cells`)."""
+    B = labels.shape[0] if labels is not None else num_cells
+    if B is None:
+        raise ValueError("generate needs labels or num_cells")
+    if library_size_stats is None and library_size is None:
+        raise ValueError("generate needs library_size_stats or library_size")
+    return generate_cells(dit, vae, library_size_stats, labels, range(B), seed=seed, library_size=library_size,
+                          **kwargs)

@@ -1,0 +1,195 @@
+"""Load a trained scLDM (stage-2 DiT + its frozen stage-1 autoencoder) for generation and evaluation.
+
+One process, no process group: `checkpoint.load_model_weights` consolidates any engine's shards. Everything the
+model needs travels in the stage-2 checkpoint manifest: both configs, the gene and label vocabularies, the
+per-condition library-size statistics and the latent normalisation; only the stage-1 weights are read from
+the stage-1 checkpoint the manifest names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scldm_scale.checkpoint import EMA, MODEL, load_model_weights, resolve_checkpoint
+from scldm_scale.config import LDMExperimentConfig, VAEExperimentConfig, load_config
+from scldm_scale.data.stats import LibrarySizeStats
+from scldm_scale.data.vocab import GeneVocab, LabelVocab
+from scldm_scale.models import DiT, LatentStats, TransformerVAE, build_dit, build_vae
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage2Model:
+    """A trained scLDM ready to sample: the DiT (EMA or raw weights), the frozen autoencoder and the manifest."""
+
+    dit: DiT
+    """Velocity network in eval mode (EMA weights when `weights == "ema"`)."""
+    vae: TransformerVAE
+    """Frozen stage-1 autoencoder in eval mode."""
+    cfg: LDMExperimentConfig
+    """The stage-2 training config (sampler defaults, label columns, atlas)."""
+    gene_vocab: GeneVocab
+    """Genes the autoencoder decodes (token id = 1 + index)."""
+    label_vocabs: dict[str, LabelVocab]
+    """Label columns in the DiT's order, with their training vocabularies (id 0 = null)."""
+    library_size_stats: LibrarySizeStats
+    """Per-condition log-normal library sizes of the training cells."""
+    latent_stats: LatentStats | None = None
+    """Latent normalisation applied in training (None = latents as encoded)."""
+    checkpoint: Path | None = None
+    """Stage-2 checkpoint directory (None for a model built in memory)."""
+    stage1_checkpoint: Path | None = None
+    """Stage-1 checkpoint directory."""
+    weights: str = "ema"
+    """Which DiT weights are loaded: "ema" or "raw"."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    """The stage-2 checkpoint manifest."""
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(self.label_vocabs)
+
+    @property
+    def atlas_uri(self) -> str:
+        return str(self.manifest.get("atlas_uri") or self.cfg.data.atlas_uri)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance (for h5ad `uns`, reports and MLflow params)."""
+        return {
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "stage1_checkpoint": str(self.stage1_checkpoint) if self.stage1_checkpoint else None,
+            "mlflow_run_id": self.manifest.get("mlflow_run_id"),
+            "stage1_run_id": self.manifest.get("stage1_run_id"),
+            "weights": self.weights,
+            "label_columns": self.label_columns,
+            "num_genes": self.gene_vocab.num_genes,
+            "atlas_uri": self.atlas_uri,
+        }
+
+
+def _label_vocabs(manifest: dict[str, Any], cfg: LDMExperimentConfig) -> dict[str, LabelVocab]:
+    """Label vocabularies in the DiT's column order (the manifest's JSON object does not keep order; the
+    library-size statistics and the config do)."""
+    vocabs = manifest["label_vocabs"]
+    order = (manifest.get("library_size_stats") or {}).get("label_columns") or cfg.data.label_columns or []
+    if sorted(order) != sorted(vocabs):
+        raise ValueError(f"manifest label columns disagree: {list(order)} against vocabularies {sorted(vocabs)}")
+    return {col: LabelVocab.from_json(vocabs[col]) for col in order}
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every parameter (buffers are rebuilt by the constructor; an EMA holds parameters only)."""
+    missing, _ = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in dict(module.named_parameters())]
+    if missing:
+        raise ValueError(f"{source} lacks parameters {missing[:5]} ({len(missing)} in all)")
+
+
+def config_from_yaml(root: type, text: str, source: str):
+    """A config dataclass from the resolved YAML a manifest carries."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        try:
+            return load_config(root, [path])
+        except ValueError as exc:
+            raise ValueError(f"{source}: the stored config does not load with this version: {exc}") from None
+
+
+def load_autoencoder(location: str | Path, device: torch.device | str = "cpu") -> tuple[TransformerVAE, GeneVocab, Path]:
+    """The frozen stage-1 autoencoder of a stage-1 run_dir or checkpoint, its gene vocabulary and checkpoint."""
+    ckpt = resolve_checkpoint(location)
+    state, meta = load_model_weights(ckpt)
+    manifest = meta.get("manifest", {})
+    if "gene_vocab" not in manifest or "config_yaml" not in manifest:
+        raise ValueError(f"{ckpt} is not a stage-1 autoencoder checkpoint (its manifest has no gene_vocab/config_yaml)")
+    vae_cfg = config_from_yaml(VAEExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
+    vocab = GeneVocab.from_json(manifest["gene_vocab"])
+    vae = build_vae(vae_cfg.model, vocab.num_genes)
+    vae.load_state_dict(state)
+    return vae.requires_grad_(False).eval().to(device), vocab, ckpt
+
+
+def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", weights: str = "ema") -> Stage2Model:
+    """Load a stage-2 run_dir (its latest checkpoint) or checkpoint directory, and the stage-1 model it names.
+
+    Args:
+        location: stage-2 run_dir or `checkpoints/step-XXXXXXXX` directory.
+        device: where the models go.
+        weights: "ema" (the default; falls back to raw weights, with a warning, when the checkpoint has no EMA)
+            or "raw".
+
+    Raises:
+        ValueError: naming the location when it holds no stage-2 checkpoint, or its stage-1 checkpoint is gone.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    try:
+        ckpt = resolve_checkpoint(location)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"no stage-2 checkpoint at {str(location)!r} ({exc})") from None
+    state, meta = load_model_weights(ckpt, which=MODEL)
+    manifest = meta.get("manifest", {})
+    if manifest.get("stage") != "ldm":
+        raise ValueError(f"{ckpt} is not a stage-2 (ldm) checkpoint: its manifest says stage={manifest.get('stage')!r}")
+    cfg = config_from_yaml(LDMExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
+    stage1_path = manifest.get("stage1_checkpoint")
+    if not stage1_path or not Path(stage1_path).exists():
+        raise ValueError(f"{ckpt}: its stage-1 checkpoint {stage1_path!r} is missing; the stage-2 model needs it to decode")
+    vae, gene_vocab, stage1_ckpt = load_autoencoder(stage1_path, device)
+    label_vocabs = _label_vocabs(manifest, cfg)
+    dit = build_dit(cfg.model, vae.latent_shape, [v.num_classes - 1 for v in label_vocabs.values()])
+    _load_weights(dit, state, f"{ckpt} (model)")
+    loaded = "raw"
+    if weights == "ema":
+        try:
+            ema_state, _ = load_model_weights(ckpt, which=EMA)
+            _load_weights(dit, ema_state, f"{ckpt} (ema)")
+            loaded = "ema"
+        except (KeyError, FileNotFoundError) as exc:
+            logger.warning("%s has no EMA weights (%s): sampling with the raw weights", ckpt, exc)
+    stats = manifest.get("library_size_stats")
+    if stats is None:
+        raise ValueError(f"{ckpt}: the manifest has no library_size_stats (needed to draw library sizes)")
+    latent = manifest.get("latent_stats")
+    return Stage2Model(
+        dit=dit.requires_grad_(False).eval().to(device),
+        vae=vae,
+        cfg=cfg,
+        gene_vocab=gene_vocab,
+        label_vocabs=label_vocabs,
+        library_size_stats=LibrarySizeStats.from_manifest(stats, source=f"{ckpt}/meta.json"),
+        latent_stats=LatentStats.from_dict(latent) if latent else None,
+        checkpoint=ckpt,
+        stage1_checkpoint=stage1_ckpt,
+        weights=loaded,
+        manifest=manifest,
+    )
+
+
+def stage2_from_memory(
+    dit: nn.Module, vae: TransformerVAE, cfg: LDMExperimentConfig, manifest: dict[str, Any], weights: str
+) -> Stage2Model:
+    """A `Stage2Model` of a model still in memory (the end-of-run report), from the manifest it would save."""
+    label_vocabs = _label_vocabs(manifest, cfg)
+    latent = manifest.get("latent_stats")
+    return Stage2Model(
+        dit=dit.eval(),
+        vae=vae.eval(),
+        cfg=cfg,
+        gene_vocab=GeneVocab.from_json(manifest["gene_vocab"]),
+        label_vocabs=label_vocabs,
+        library_size_stats=LibrarySizeStats.from_manifest(manifest["library_size_stats"]),
+        latent_stats=LatentStats.from_dict(latent) if latent else None,
+        weights=weights,
+        manifest=json.loads(json.dumps(manifest, default=str)),
+    )
