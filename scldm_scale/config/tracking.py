@@ -17,7 +17,10 @@ class TrackingConfig:
     experiment_name: str = "scldm_scale"
     """MLflow experiment."""
     run_name: str | None = None
-    """MLflow run name; None = MLflow picks one."""
+    """Name of a new MLflow run (a resumed run keeps its own); None = `<stage>-<preset>-<YYYYmmdd-HHMMSS>`.
+
+    The preset is the basename of `train.run_dir` without a leading `<stage>-`: `runs/vae-demo` ->
+    `vae-demo-20261203-071200`, `runs/my_vae` -> `vae-my_vae-20261203-071200` (local time at start)."""
     artifact_location: str | None = None
     """Artifact root for a new experiment; None = `mlartifacts/` beside a SQLite file, else the server's."""
     log_interval_steps: int = 10

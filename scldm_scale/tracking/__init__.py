@@ -1,6 +1,8 @@
-"""Experiment tracking: the `MetricLogger` role, a null and a stdout logger, and MLflow (rank 0 only).
+"""Experiment tracking: the `MetricLogger` role, a null and a stdout logger, MLflow (rank 0 only), run names,
+and read-only queries that compare runs (`find_runs`, `comparison_table`, `write_table`).
 
-`tracking/mlflow.py` is the only module that imports mlflow; it is imported lazily by `build_logger`.
+mlflow is imported lazily: `tracking/mlflow.py` by `build_logger`, and inside the query functions of
+`tracking/runs.py`, so importing this package stays cheap.
 """
 
 from scldm_scale.tracking.base import (
@@ -16,17 +18,33 @@ from scldm_scale.tracking.base import (
     format_metrics,
     get_run_tags,
 )
+from scldm_scale.tracking.runs import (
+    STAGE_TAG,
+    RunSummary,
+    comparison_table,
+    default_run_name,
+    find_runs,
+    metric_history,
+    write_table,
+)
 
 __all__ = [
     "CHECKPOINT_TAG",
     "RUN_DIR_TAG",
+    "STAGE_TAG",
     "DatasetInfo",
     "FanoutLogger",
     "MemoryLogger",
     "MetricLogger",
     "NullLogger",
+    "RunSummary",
     "StdoutLogger",
     "build_logger",
+    "comparison_table",
+    "default_run_name",
+    "find_runs",
     "format_metrics",
     "get_run_tags",
+    "metric_history",
+    "write_table",
 ]

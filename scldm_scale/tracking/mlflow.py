@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.tracking.base import DatasetInfo
+from scldm_scale.tracking.runs import STAGE_TAG, default_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class MLflowLogger:
         self.run_id = run_id
         self._resumed = run_id is not None
         self._client = MlflowClient(tracking_uri=cfg.uri)
+        self._spill_dir = spill_dir
         self._spill = Path(spill_dir) / PENDING_FILE if spill_dir else None
         self._pending: list[dict[str, Any]] = self._load_spilled()
         self._open_tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -153,7 +155,7 @@ class MLflowLogger:
                 if exp is not None
                 else self._client.create_experiment(self.cfg.experiment_name, _artifact_location(self.cfg))
             )
-            run = self._client.create_run(exp_id, tags=self._open_tags, run_name=self.cfg.run_name)
+            run = self._client.create_run(exp_id, tags=self._open_tags, run_name=self._new_run_name())
             self.run_id = run.info.run_id
             logger.info("MLflow run %s at %s", self.run_id, self.cfg.uri)
         else:
@@ -164,6 +166,16 @@ class MLflowLogger:
         self._opened = True
         if self.cfg.enable_system_metrics:
             self._start_system_metrics()
+
+    def _new_run_name(self) -> str:
+        """`tracking.run_name`, else `<stage>-<preset>-<time>` from the stage tag and the run_dir.
+
+        Never None: MLflow would draw a random name from Python's `random`, which `seed_everything`
+        has seeded, so every run of a seed would get the same name.
+        """
+        if self.cfg.run_name:
+            return self.cfg.run_name
+        return default_run_name(self._open_tags.get(STAGE_TAG, "run"), self._spill_dir or "")
 
     def _start_system_metrics(self) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -243,16 +243,24 @@ def _resumed_run_id(cfg: ExperimentConfig) -> str | None:
 def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str]) -> MetricLogger:
     """One MLflow run per job: rank 0 opens (or, on resume, continues) it; every rank learns its id.
 
-    Rank 0 also keeps the metric history in memory for the end-of-run plots.
+    Rank 0 also keeps the metric history in memory for the end-of-run plots. A new run is named
+    `<stage>-<preset>-<time>` unless `tracking.run_name` is set; a resumed run keeps its name.
     """
+    import dataclasses
+
+    from scldm_scale.tracking import STAGE_TAG, default_run_name
+
     found: tuple[str | None, str] = (None, "")
     if dist.rank == 0:
         run_dir = Path(cfg.train.run_dir).resolve()
         tags = {**tags, RUN_DIR_TAG: str(run_dir), "scldm.engine": cfg.engine.name}
         try:
-            real = build_logger(
-                cfg.tracking, 0, run_id=_resumed_run_id(cfg), spill_dir=str(run_dir), tags=tags
-            )
+            run_id = _resumed_run_id(cfg)
+            tracking = cfg.tracking
+            if run_id is None and tracking.run_name is None:
+                name = default_run_name(tags.get(STAGE_TAG, "run"), str(run_dir))
+                tracking = dataclasses.replace(tracking, run_name=name)
+            real = build_logger(tracking, 0, run_id=run_id, spill_dir=str(run_dir), tags=tags)
             tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
             found = (tracker.run_id, "")
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so none waits forever
