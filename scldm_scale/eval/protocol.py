@@ -95,6 +95,13 @@ def fit_space(hvg_idx: np.ndarray, eval_cells: CellSet, num_pcs: int) -> Space:
     return Space(hvg_idx, M.fit_pca(log_normalize(eval_cells), n))
 
 
+def halves(cells: CellSet) -> tuple[CellSet, CellSet]:
+    """Two disjoint halves of a (shuffled) training sample: one trains the kNN condition classifier, the other
+    is the real floor's pool, so the floor's kNN accuracy is not inflated by cells the classifier saw."""
+    idx = np.arange(len(cells))
+    return cells.take(idx[0::2]), cells.take(idx[1::2])
+
+
 def floor_sample(train: CellSet, eval_conditions: np.ndarray, rng: np.random.Generator) -> CellSet:
     """Training cells with the evaluation cells' label mix: n_c cells of each condition c, drawn without
     replacement (with replacement only where the training cells of c are fewer than n_c)."""

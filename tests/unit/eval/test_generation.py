@@ -1,32 +1,81 @@
-"""Generation helper: library-size statistics, end-to-end sampling of counts, EMA by default."""
+"""Generation: library-size statistics from manifests, conditions, per-cell seeds, counts, EMA by default."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from scldm_scale.config.model import DiTConfig, VAEConfig
-from scldm_scale.eval import LibrarySizeStats, generate, sample_latents, sampling_model
+from scldm_scale.data import LibrarySizeStats, LogNormalFit
+from scldm_scale.data.vocab import LabelVocab
+from scldm_scale.eval import generate, sample_latents, sampling_model
+from scldm_scale.eval.generation import (
+    Condition,
+    expand_conditions,
+    generate_cells,
+    parse_condition,
+    read_conditions_csv,
+)
+from scldm_scale.eval.run import label_mix
 from scldm_scale.models import EMA, LatentStats, build_dit, build_vae
 
+VOCABS = {"dataset_id": LabelVocab("dataset_id", ["a", "b"]), "cell_type": LabelVocab("cell_type", ["B", "NK", "T"])}
 
-def test_library_size_stats_fit_sample_fallback_json():
+
+def test_library_size_stats_fit_pool_fallback_and_manifest_round_trip():
     rng = np.random.default_rng(0)
-    labels = np.array([[1, 1]] * 500 + [[2, 1]] * 500 + [[3, 2]])  # (3, 2) has one cell: global fallback
-    log_l = np.concatenate([rng.normal(6.0, 0.2, 500), rng.normal(9.0, 0.5, 500), [7.0]])
-    stats = LibrarySizeStats.fit(np.exp(log_l), labels)
-    assert set(stats.per_condition) == {"1,1", "2,1"}
-    mean, std = stats.per_condition["2,1"]
-    assert abs(mean - 9.0) < 0.1 and abs(std - 0.5) < 0.1
-    query = torch.tensor([[1, 1]] * 2000 + [[2, 1]] * 2000 + [[3, 2]] * 2000)
-    drawn = stats.sample(query, torch.Generator().manual_seed(0)).log()
-    assert abs(drawn[:2000].mean() - 6.0) < 0.1 and abs(drawn[2000:4000].mean() - 9.0) < 0.1
-    assert abs(drawn[4000:].mean() - stats.global_mean) < 0.1 and abs(drawn[4000:].std() - stats.global_std) < 0.1
-    again = LibrarySizeStats.from_json(stats.to_json())
-    assert again == stats
-    assert torch.equal(again.sample(query, torch.Generator().manual_seed(0)).log(), drawn)
-    assert LibrarySizeStats.fit(np.exp(log_l)).sample(None, batch=3).shape == (3,)
+    labels = np.array([[1, 1]] * 500 + [[2, 1]] * 500 + [[2, 2]] * 500 + [[3, 2]])  # (3, 2): one cell
+    log_l = np.concatenate([rng.normal(6.0, 0.2, 500), rng.normal(9.0, 0.5, 500), rng.normal(8.0, 0.1, 500), [7.0]])
+    stats = LibrarySizeStats.fit(np.exp(log_l), labels, ["dataset_id", "cell_type"])
+    assert abs(stats.groups[(2, 1)].mean_log - 9.0) < 0.1 and abs(stats.groups[(2, 1)].std_log - 0.5) < 0.1
+    again = LibrarySizeStats.from_manifest(json.loads(stats.to_json()))
+    assert again.to_dict() == stats.to_dict()
+    assert again.fit_for((1, 1)) == stats.groups[(1, 1)]
+    pooled = again.fit_for((2, 0))  # dataset 2, any cell type: the union of (2,1) and (2,2)
+    assert pooled.n == 1000 and abs(pooled.mean_log - 8.5) < 0.05
+    assert again.fit_for((3, 2)).mean_log == pytest.approx(7.0)  # one cell: pooled over (3, *), itself
+    assert again.fit_for((0, 0)) == again.overall and again.fit_for((9, 9)) == again.overall
+    eps = np.random.default_rng(1).standard_normal(3000)
+    drawn = again.sample(np.array([[1, 1]] * 3000), eps).log().double()
+    assert abs(drawn.mean() - 6.0) < 0.02 and abs(drawn.std() - 0.2) < 0.02
+    assert again.sample(None, eps[:3]).shape == (3,)
+
+
+def test_library_size_stats_from_a_bad_manifest_names_the_key():
+    good = LibrarySizeStats(["c"], LogNormalFit(3, 1.0, 0.1), {(1,): LogNormalFit(3, 1.0, 0.1)}).to_dict()
+    del good["overall"]
+    with pytest.raises(ValueError, match="ckpt/meta.json.*overall"):
+        LibrarySizeStats.from_manifest(good, source="ckpt/meta.json")
+
+
+def test_conditions_from_strings_and_csv(tmp_path):
+    cond = parse_condition("dataset_id=b,cell_type=NK:7", VOCABS)
+    assert cond == Condition((2, 2), 7)
+    assert parse_condition("cell_type=T", VOCABS) == Condition((0, 3), 1)
+    with pytest.raises(ValueError, match="cell_type='X' was not seen"):
+        parse_condition("cell_type=X:3", VOCABS)
+    with pytest.raises(ValueError, match="tissue"):
+        parse_condition("tissue=lung:3", VOCABS)
+    with pytest.raises(ValueError, match="integer"):
+        parse_condition("cell_type=T:many", VOCABS)
+    path = tmp_path / "mix.csv"
+    path.write_text("cell_type,n\nB,2\nT,3\n")
+    conds = read_conditions_csv(path, VOCABS)
+    assert conds == [Condition((0, 1), 2), Condition((0, 3), 3)]
+    assert expand_conditions(conds, 2).tolist() == [[0, 1]] * 2 + [[0, 3]] * 3
+    (tmp_path / "bad.csv").write_text("cell_type,n\nB,two\n")
+    with pytest.raises(ValueError, match="bad.csv line 2"):
+        read_conditions_csv(tmp_path / "bad.csv", VOCABS)
+
+
+def test_label_mix_keeps_proportions_and_total():
+    rows = np.array([[1, 1]] * 50 + [[2, 3]] * 30 + [[1, 2]] * 20)
+    mix = label_mix(rows, 7)
+    assert sum(c.count for c in mix) == 7
+    assert {c.labels: c.count for c in mix} == {(1, 1): 4, (2, 3): 2, (1, 2): 1}
 
 
 def _models(likelihood: str = "nb"):
@@ -37,23 +86,39 @@ def _models(likelihood: str = "nb"):
     return vae, dit
 
 
+def _stats():
+    return LibrarySizeStats(["dataset_id", "cell_type"], LogNormalFit(100, np.log(500.0), 0.01),
+                            {(1, 0): LogNormalFit(100, np.log(50.0), 0.01)})
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
-def test_generate_counts(likelihood):
+def test_generate_counts_with_library_sizes_from_the_statistics(likelihood):
     vae, dit = _models(likelihood)
     labels = torch.tensor([[1, 0], [2, 3], [0, 0], [1, 2]])
-    stats = LibrarySizeStats(global_mean=np.log(500.0), global_std=0.1, per_condition={"1,0": (np.log(50.0), 0.01)})
-    out = generate(dit, vae, labels, library_size_stats=stats, sampler="euler", num_steps=4,
-                   guidance_weights=[2.0, 1.0], gene_chunk_size=7, generator=torch.Generator().manual_seed(0))
+    out = generate(dit, vae, labels, library_size_stats=_stats(), sampler="euler", num_steps=4,
+                   guidance_weights=[2.0, 1.0], gene_chunk_size=7, seed=0)
     counts = out["counts"]
     assert counts.shape == (4, 30) and torch.equal(counts, counts.round()) and (counts >= 0).all()
     assert out["z"].shape == (4, 3, 4)
-    assert abs(out["library_size"][0].item() - 50.0) < 2.0
+    assert abs(out["library_size"][0].item() - 50.0) < 2.0  # condition (1, 0) has its own fit
+    assert abs(out["library_size"][1].item() - 500.0) < 20.0  # (2, 3) unseen: the overall fit
     if likelihood == "nb":
         torch.testing.assert_close(out["mu"].sum(1), out["library_size"], rtol=1e-4, atol=1e-2)
-        ratio = counts[1:3].sum(1) / out["library_size"][1:3]
-        assert ((ratio > 0.7) & (ratio < 1.3)).all()
     unc = generate(dit, vae, None, num_cells=2, library_size=torch.tensor([10.0, 20.0]), num_steps=2)
-    assert unc["counts"].shape == (2, 30)
+    assert unc["counts"].shape == (2, 30) and unc["library_size"].tolist() == [10.0, 20.0]
+
+
+def test_a_cell_depends_only_on_seed_and_index_not_on_its_batch():
+    vae, dit = _models()
+    labels = torch.tensor([[1, 1], [2, 3], [0, 0], [1, 2], [2, 1]])
+    kw = dict(sampler="heun", num_steps=3, seed=11)
+    whole = generate_cells(dit, vae, _stats(), labels, range(5), **kw)
+    parts = [generate_cells(dit, vae, _stats(), labels[s], idx, **kw) for s, idx in
+             ((slice(0, 2), range(0, 2)), (slice(2, 5), range(2, 5)))]
+    for key in ("z", "library_size", "counts"):
+        torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], rtol=1e-5, atol=1e-5)
+    other = generate_cells(dit, vae, _stats(), labels, range(5), sampler="heun", num_steps=3, seed=12)
+    assert not torch.equal(other["counts"], whole["counts"])
 
 
 def test_sampling_uses_ema_and_latent_stats():
