@@ -3,7 +3,7 @@
 Logging, process group, demo-atlas resolution, vocabularies, loader, model, engine, tracker, `Trainer`,
 end-of-run plots, and teardown in `finally` (the tracker is closed FAILED on error, the process group
 destroyed). The stage-1 -> stage-2 hand-off (frozen autoencoder, vocabulary check, latent cache) is in
-`train/handoff.py`; the end-of-run plots and generation scores in `train/report.py`.
+`train/handoff.py`; the end-of-run plots and generation scores in `eval/report.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from scldm_scale.distributed import (
     destroy_distributed,
     init_distributed,
 )
+from scldm_scale.eval import report
 from scldm_scale.models import build_dit, build_vae, num_parameters
 from scldm_scale.tracking import (
     CHECKPOINT_TAG,
@@ -41,7 +42,7 @@ from scldm_scale.tracking import (
     NullLogger,
     build_logger,
 )
-from scldm_scale.train import handoff, report
+from scldm_scale.train import handoff
 from scldm_scale.train.ema import EMA
 from scldm_scale.train.ldm_step import ldm_step
 from scldm_scale.train.loop import Trainer, TrainResult
@@ -175,6 +176,7 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
             extra={"run.num_parameters": n_params, "run.latent_cache": loader is not data.loader},
         )
         step_fn = functools.partial(ldm_step, vae=stage1.vae, latent_stats=stage1.latent_stats)
+        manifest = build_manifest(cfg, data, tracker.run_id, dist, stage1=stage1)
         trainer = Trainer(
             engine=engine,
             step_fn=step_fn,
@@ -185,10 +187,12 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
             run_dir=cfg.train.run_dir,
             ema=ema,
             log_interval_steps=cfg.tracking.log_interval_steps,
-            manifest=build_manifest(cfg, data, tracker.run_id, dist, stage1=stage1),
+            manifest=manifest,
         )
         train_result = trainer.train()
-        report.evaluate_generation(tracker, cfg, dist, engine=engine, ema=ema, stage1=stage1, data=data)
+        report.evaluate_generation(
+            tracker, cfg, dist, engine=engine, ema=ema, stage1=stage1, data=data, manifest=manifest
+        )
         result = finish(tracker, cfg, dist, train_result)
         status = "FINISHED"
         return result
