@@ -33,6 +33,9 @@ FORMAT_VERSION = "1"
 META_FORMAT = "scldm_scale.format_version"
 META_DATASETS = "scldm_scale.datasets"
 META_LABEL_COLUMNS = "scldm_scale.label_columns"
+SPLIT_COLUMN = "split"
+"""obs column holding each cell's split; ingestion always writes it (the last obs column)."""
+SPLIT_VALUES = ("train", "val", "test")
 INT32_MAX = int(np.iinfo(np.int32).max)
 FLOAT32_EXACT_MAX = 2**24
 """X is float32 on disk (int and float readers agree); integers up to 2**24 are stored exactly."""
@@ -211,7 +214,13 @@ class AtlasState:
 
     @property
     def label_columns(self) -> list[str]:
-        return [c for c in self.obs_columns if c not in ("soma_joinid", "obs_id", "dataset_id")]
+        """obs columns other than the ids and `split`."""
+        return [c for c in self.obs_columns if c not in ("soma_joinid", "obs_id", "dataset_id", SPLIT_COLUMN)]
+
+    @property
+    def has_split(self) -> bool:
+        """A new atlas gets a split column; one written before ingestion assigned splits may lack it."""
+        return not self.exists or SPLIT_COLUMN in self.obs_columns
 
     @property
     def dataset_ids(self) -> list[str]:

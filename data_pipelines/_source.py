@@ -1,4 +1,5 @@
-"""Input datasets for ingestion: open an .h5ad (backed) or wrap an AnnData, validate it, stream X in row chunks.
+"""Input datasets for ingestion: open an .h5ad (backed) or wrap an AnnData, validate it, stream X in row chunks,
+and the seeded, stratified train / val / test split of its cells.
 
 Everything here is read-only: validation runs to the end before the atlas is touched. Every problem raises
 `IngestError` naming the file (or AnnData), the column, gene or cell, and what is wrong.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anndata
@@ -17,11 +18,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data_pipelines._atlas import FLOAT32_EXACT_MAX, INT32_MAX
+from data_pipelines._atlas import FLOAT32_EXACT_MAX, INT32_MAX, SPLIT_COLUMN, SPLIT_VALUES
 
 logger = logging.getLogger(__name__)
 
-SPLIT_VALUES = ("train", "val", "test")
+DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+"""train / val / test fractions of the cells whose split ingestion assigns."""
+MIN_STRATUM_CELLS = 20
+"""Label values with fewer cells than this in a dataset share one stratum (else they would stay in train)."""
 _DENSE_CHUNK_VALUES = 20_000_000
 """Dense X is read in row chunks of at most this many values (80 MB of float32) to bound memory."""
 
@@ -41,6 +45,10 @@ class Source:
     feature_names: np.ndarray
     obs_ids: np.ndarray
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    split: np.ndarray | None = None
+    """train / val / test per cell: the input's values where it has them, then the assigned ones."""
+    n_split_kept: int = 0
+    """Cells whose split came from the input's obs['split']."""
     n_cells_per_gene: np.ndarray | None = None
     nnz: int = 0
 
@@ -153,13 +161,6 @@ def _labels(
                     f"{first!r}; pass a fill value (--fill {col}=VALUE)"
                 )
             out[missing] = fill
-        if col == "split":
-            bad = ~np.isin(out.astype(str), SPLIT_VALUES)
-            if bad.any():
-                first = int(np.flatnonzero(bad)[0])
-                raise IngestError(
-                    f"{name}: obs['split'] must be one of {SPLIT_VALUES}, got {out[first]!r} at cell {obs_names[first]!r}"
-                )
         labels[col] = out
     return labels
 
@@ -249,17 +250,109 @@ def validate_source(
         feature_names=feature_names,
         obs_ids=np.asarray(cells, dtype=object),
         labels=_labels(name, adata, label_columns, fill_values),
+        split=input_split(name, adata),
     )
     _check_counts(src, chunk_rows)
     return src
 
 
 def default_label_columns(adatas: list[anndata.AnnData]) -> list[str]:
-    """Every categorical / string obs column of any input except dataset_id, in first-seen order."""
-    seen: list[str] = []
+    """The categorical / string obs columns (except dataset_id and split) that every input has, in first-seen
+    order. A column only some inputs have is left out (logged): it would need a fill value for the others."""
+    per_input: list[list[str]] = []
     for adata in adatas:
+        cols = []
         for col, dtype in adata.obs.dtypes.items():
             is_text = isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype)
-            if is_text and col not in ("dataset_id", "obs_id") and col not in seen:
-                seen.append(str(col))
-    return seen
+            if is_text and col not in ("dataset_id", "obs_id", SPLIT_COLUMN):
+                cols.append(str(col))
+        per_input.append(cols)
+    seen = list(dict.fromkeys(c for cols in per_input for c in cols))
+    common = [c for c in seen if all(c in cols for cols in per_input)]
+    partial = [c for c in seen if c not in common]
+    if partial:
+        logger.info(
+            "obs column(s) %s are not in every input: not stored as labels (keep them with --label-column COL "
+            "--fill COL=VALUE)",
+            partial,
+        )
+    return common
+
+
+# ---- train / val / test split ---------------------------------------------------------------------------
+
+
+def input_split(name: str, adata: anndata.AnnData) -> np.ndarray | None:
+    """The input's own obs['split'] (None where missing), or None without the column; bad values raise."""
+    if SPLIT_COLUMN not in adata.obs.columns:
+        return None
+    values = adata.obs[SPLIT_COLUMN]
+    missing = _missing(values)
+    out = values.astype(object).astype(str).to_numpy(dtype=object)
+    bad = ~missing & ~np.isin(out, SPLIT_VALUES)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise IngestError(
+            f"{name}: obs[{SPLIT_COLUMN!r}] must be one of {', '.join(SPLIT_VALUES)} (or missing, then assigned), "
+            f"got {out[first]!r} at cell {adata.obs_names[first]!r} ({int(bad.sum())} such cell(s))"
+        )
+    out[missing] = None
+    return out
+
+
+def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three non-negative train / val / test fractions summing to 1, as a tuple."""
+    fr = tuple(float(f) for f in fractions)
+    if len(fr) != 3 or any(not np.isfinite(f) or f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise IngestError(
+            f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {list(fractions)}"
+        )
+    return fr  # type: ignore[return-value]
+
+
+def stratified_split(
+    strata: pd.DataFrame, seed: int = 0, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS
+) -> np.ndarray:
+    """Assign train / val / test within each stratum (row group of `strata`), by `fractions` (train, val, test).
+
+    Each stratum is shuffled with one generator seeded by `seed` (strata visited in sorted order), so the
+    split is a pure function of the table, the seed and the fractions. A stratum of n cells gets
+    round(val n) val and round(test n) test cells (Python rounding, half to even), the rest train; with the
+    default 0.1 / 0.1, strata of at most 5 cells stay in train.
+    """
+    _, f_val, f_test = check_split_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(strata), dtype=object)
+    keys = (
+        strata.astype(str).agg("\x1f".join, axis=1) if strata.shape[1] else pd.Series("", index=strata.index)
+    )
+    for _, idx in sorted(pd.Series(np.arange(len(strata))).groupby(keys.to_numpy()).groups.items()):
+        order = rng.permutation(np.asarray(idx))
+        n_val = round(f_val * len(order))
+        n_test = min(round(f_test * len(order)), len(order) - n_val)
+        split[order[:n_val]] = "val"
+        split[order[n_val : n_val + n_test]] = "test"
+        split[order[n_val + n_test :]] = "train"
+    return split
+
+
+def assign_split(
+    src: Source, stratify_by: str | None, *, seed: int, fractions: Sequence[float]
+) -> None:
+    """Fill the cells of `src` without a split: stratified by its first label column (`stratify_by`).
+
+    The input's own values are kept. Label values with fewer than `MIN_STRATUM_CELLS` cells among the cells
+    to assign share one stratum. A dataset's split depends only on its own cells, labels, seed and fractions
+    (not on what is ingested with it).
+    """
+    split = src.split if src.split is not None else np.full(src.n_obs, None, dtype=object)
+    todo = np.flatnonzero(pd.isna(split))
+    src.n_split_kept = src.n_obs - len(todo)
+    if len(todo):
+        strata = pd.DataFrame(index=np.arange(len(todo)))
+        if stratify_by is not None:
+            values = pd.Series(src.labels[stratify_by][todo], dtype=object)
+            counts = values.map(values.value_counts())
+            strata[stratify_by] = values.where(counts >= MIN_STRATUM_CELLS, "\x00pooled")
+        split[todo] = stratified_split(strata, seed=seed, fractions=fractions)
+    src.split = split

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from importlib import resources
 
 import anndata
-import numpy as np
 import pandas as pd
 import tiledbsoma
 
-from data_pipelines._atlas import META_DATASETS, atlas_exists, atlas_lock, soma_context
+from data_pipelines._atlas import META_DATASETS, SPLIT_VALUES, atlas_exists, atlas_lock, soma_context
+from data_pipelines._source import stratified_split
 from data_pipelines.ingest import ingest_anndata
 
 logger = logging.getLogger(__name__)
@@ -53,28 +53,6 @@ def default_demo_atlas_uri() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get(DEMO_ATLAS_ENV) or default))
 
 
-def stratified_split(strata: pd.DataFrame, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Assign train / val / test within each stratum (row group of `strata`), ~80 / 10 / 10.
-
-    Each stratum is shuffled with one generator seeded by `seed` (strata visited in sorted order), so the
-    split is a pure function of the table and the seed. A stratum of n cells gets round(0.1 n) val and
-    round(0.1 n) test cells (Python rounding, half to even), so strata of at most 5 cells stay in train.
-    """
-    rng = np.random.default_rng(seed)
-    split = np.empty(len(strata), dtype=object)
-    keys = (
-        strata.astype(str).agg("\x1f".join, axis=1) if strata.shape[1] else pd.Series("", index=strata.index)
-    )
-    for _, idx in sorted(pd.Series(np.arange(len(strata))).groupby(keys.to_numpy()).groups.items()):
-        order = rng.permutation(np.asarray(idx))
-        n_val = round(SPLIT_FRACTIONS["val"] * len(order))
-        n_test = round(SPLIT_FRACTIONS["test"] * len(order))
-        split[order[:n_val]] = "val"
-        split[order[n_val : n_val + n_test]] = "test"
-        split[order[n_val + n_test :]] = "train"
-    return split
-
-
 def _load_demo_anndata() -> list[anndata.AnnData]:
     folder = resources.files("data_pipelines") / "demo_data"
     adatas = []
@@ -86,7 +64,7 @@ def _load_demo_anndata() -> list[anndata.AnnData]:
                 adata.obs[col] = UNKNOWN
         adatas.append(adata)
     strata = pd.concat([a.obs[["dataset_id", "cell_type"]].astype(str) for a in adatas], ignore_index=True)
-    split = stratified_split(strata, seed=SPLIT_SEED)
+    split = stratified_split(strata, seed=SPLIT_SEED, fractions=[SPLIT_FRACTIONS[k] for k in SPLIT_VALUES])
     start = 0
     for adata in adatas:
         adata.obs["split"] = split[start : start + adata.n_obs]
@@ -99,7 +77,7 @@ def _build(path: str) -> None:
     ingest_anndata(
         path,
         _load_demo_anndata(),
-        label_columns=[*DEMO_LABEL_COLUMNS, "split"],
+        label_columns=list(DEMO_LABEL_COLUMNS),  # `split` is set above: ingestion keeps it
         fill_values=dict.fromkeys(DEMO_LABEL_COLUMNS, UNKNOWN),
         experiment_metadata={
             "split_seed": SPLIT_SEED,

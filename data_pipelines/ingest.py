@@ -1,9 +1,10 @@
 """Ingest .h5ad files or AnnData objects into one SOMA atlas (appending, union gene vocabulary).
 
 `python -m data_pipelines.ingest --atlas PATH FILE.h5ad [FILE.h5ad ...]`. Every input is validated completely
-(ids, labels, every count) before anything is written; local atlases are then written in a staging copy and
-published atomically (see `_atlas.staged_atlas`). s3:// atlases are written in place after validation: there is
-no rename on S3, so crash-atomicity is a local-path guarantee. Layout: DEVELOPERS.md, "Atlas layout".
+(ids, labels, split values, every count) before anything is written; every cell gets a train / val / test
+`split` (its own, else a seeded stratified draw). Local atlases are written in a staging copy and published
+atomically (see `_atlas.staged_atlas`). s3:// atlases are written in place after validation: there is no rename
+on S3, so crash-atomicity is a local-path guarantee. Layout: DEVELOPERS.md, "Atlas layout".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import anndata
 import numpy as np
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 from data_pipelines._atlas import (
     META_DATASETS,
     META_LABEL_COLUMNS,
+    SPLIT_COLUMN,
+    SPLIT_VALUES,
     AtlasState,
     create_atlas,
     read_state,
@@ -34,7 +38,16 @@ from data_pipelines._atlas import (
     write_var,
     write_x,
 )
-from data_pipelines._source import IngestError, Source, default_label_columns, open_h5ad, validate_source
+from data_pipelines._source import (
+    DEFAULT_SPLIT_FRACTIONS,
+    IngestError,
+    Source,
+    assign_split,
+    check_split_fractions,
+    default_label_columns,
+    open_h5ad,
+    validate_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +64,8 @@ def ingest_h5ads(
     chunk_rows: int = 10_000,
     s3_endpoint_url: str | None = None,
     experiment_metadata: dict[str, str | int | float] | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    split_seed: int = 0,
 ) -> dict:
     """Append .h5ad files to the atlas at `atlas_uri` (created if absent), reading X in backed row chunks.
 
@@ -58,20 +73,26 @@ def ingest_h5ads(
         atlas_uri: local path or s3:// URI of the SOMA Experiment.
         paths: .h5ad files; each becomes one dataset, stored contiguously in the order given.
         dataset_ids: one id per path; used when a file has no obs['dataset_id'] (default: the file stem).
-        label_columns: obs columns stored as string labels. Default for a new atlas: every categorical or
-            string obs column of any input except dataset_id; for an existing atlas: its label columns (an
-            existing atlas cannot gain label columns, that would rewrite stored cells).
+        label_columns: obs columns stored as string labels. Default for a new atlas: the categorical or
+            string obs columns every input has, except dataset_id and split; for an existing atlas: its label
+            columns (an existing atlas cannot gain label columns, that would rewrite stored cells).
         fill_values: column -> value used for missing labels (NaN, empty, or the column absent from a file).
         chunk_rows: cells per read / write chunk (bounds peak memory).
         s3_endpoint_url: endpoint override for s3:// atlases.
         experiment_metadata: extra key -> scalar written into the experiment metadata.
+        split_fractions: train / val / test fractions of the cells whose split is assigned here.
+        split_seed: seed of the split assignment.
 
-    obs gets `obs_id` (the input obs_names: unique within a dataset, not across datasets), `dataset_id` and
-    the label columns as strings; var gets `feature_id` (var['feature_id'] if present, else var_names),
+    obs gets `obs_id` (the input obs_names: unique within a dataset, not across datasets), `dataset_id`, the
+    label columns and `split` as strings. A cell keeps the input's obs['split'] (train / val / test; any other
+    value is an error); the others are drawn per dataset by `split_fractions`, stratified by the first label
+    column (`_source.assign_split`). An atlas written before ingestion assigned splits has no split column:
+    appending to it works, without split (a warning says so). var gets `feature_id` (var['feature_id'] if present, else var_names),
     `feature_name` (var['feature_name'] or var['gene_symbol'] if present, else var_names) and `n_cells`.
 
     Returns:
-        A summary: atlas_uri, n_obs, n_vars, n_new_genes, label_columns and one dict per ingested dataset.
+        A summary: atlas_uri, n_obs, n_vars, n_new_genes, label_columns and one dict per ingested dataset
+        (with its split counts).
 
     Raises:
         IngestError: (a ValueError) on any bad input; the atlas is left untouched.
@@ -88,6 +109,7 @@ def ingest_h5ads(
         chunk_rows,
         s3_endpoint_url,
         experiment_metadata,
+        _SplitOptions(check_split_fractions(split_fractions), int(split_seed)),
     )
 
 
@@ -101,6 +123,8 @@ def ingest_anndata(
     chunk_rows: int = 10_000,
     s3_endpoint_url: str | None = None,
     experiment_metadata: dict[str, str | int | float] | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    split_seed: int = 0,
 ) -> dict:
     """Like `ingest_h5ads` for in-memory (or backed) AnnData objects; the default dataset id is `adata<i>`."""
     if dataset_ids is not None and len(dataset_ids) != len(adatas):
@@ -115,12 +139,21 @@ def ingest_anndata(
         chunk_rows,
         s3_endpoint_url,
         experiment_metadata,
+        _SplitOptions(check_split_fractions(split_fractions), int(split_seed)),
     )
+
+
+@dataclass(frozen=True)
+class _SplitOptions:
+    fractions: tuple[float, float, float]
+    seed: int
 
 
 def _resolve_labels(
     state: AtlasState, requested: list[str] | None, adatas: list[anndata.AnnData]
 ) -> list[str]:
+    if requested is not None:  # split is always stored (not as a label column); naming it changes nothing
+        requested = [c for c in requested if c != SPLIT_COLUMN]
     if not state.exists:
         return list(requested) if requested is not None else default_label_columns(adatas)
     extra = [c for c in (requested or []) if c not in state.label_columns]
@@ -169,6 +202,37 @@ def _validate_all(
     return sources, labels
 
 
+def _assign_splits(state: AtlasState, sources: list[Source], labels: list[str], opts: _SplitOptions) -> None:
+    """Give every new cell a split (kept from its input, else drawn); none for an atlas without the column."""
+    if not state.has_split:
+        given = [s.name for s in sources if s.split is not None]
+        logger.warning(
+            "the atlas has no %r obs column (written by an older data_pipelines.ingest): the new cells get no "
+            "split either%s; train on it with data.value_filter=null data.val_value_filter=null, or re-ingest "
+            "every file into a new atlas to get one",
+            SPLIT_COLUMN,
+            f" (obs[{SPLIT_COLUMN!r}] of {', '.join(given)} is not stored)" if given else "",
+        )
+        for src in sources:
+            src.split = None
+        return
+    for src in sources:
+        assign_split(src, labels[0] if labels else None, seed=opts.seed, fractions=opts.fractions)
+
+
+def _split_summary(src: Source, opts: _SplitOptions, labels: list[str]) -> dict:
+    if src.split is None:
+        return {}
+    counts = pd.Series(src.split).value_counts()
+    return {
+        "split": {v: int(counts.get(v, 0)) for v in SPLIT_VALUES},
+        "split_kept": src.n_split_kept,
+        "split_seed": opts.seed,
+        "split_fractions": list(opts.fractions),
+        "split_stratified_by": ["dataset_id", *labels[:1]],
+    }
+
+
 def _plan_var(state: AtlasState, sources: list[Source]) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Union vocabulary: stored genes keep their soma_joinid, new genes are appended; n_cells is summed."""
     var = state.var.copy()
@@ -207,14 +271,14 @@ def _write(
     maps: list[np.ndarray],
     chunk_rows: int,
     experiment_metadata: dict,
+    split_opts: _SplitOptions,
 ) -> list[dict]:
     n_total = state.n_obs + sum(s.n_obs for s in sources)
     if state.exists:
         resize_atlas(target, ctx, n_obs=n_total, n_vars=len(var))
     else:
-        create_atlas(
-            target, ctx, obs_columns=["obs_id", "dataset_id", *labels], n_obs=n_total, n_vars=len(var)
-        )
+        columns = ["obs_id", "dataset_id", *labels, SPLIT_COLUMN]
+        create_atlas(target, ctx, obs_columns=columns, n_obs=n_total, n_vars=len(var))
     datasets = list(state.datasets)
     offset = state.n_obs
     with (
@@ -229,6 +293,8 @@ def _write(
                     "dataset_id": np.full(stop - start, src.dataset_id, object),
                 }
                 cols.update({c: src.labels[c][start:stop] for c in labels})
+                if src.split is not None:
+                    cols[SPLIT_COLUMN] = src.split[start:stop]
                 write_obs(exp, offset + start, cols)
                 chunk.eliminate_zeros()
                 coo = chunk.tocoo()
@@ -243,6 +309,7 @@ def _write(
                     "nnz": src.nnz,
                     "obs_joinid_start": offset,
                     "obs_joinid_stop": offset + src.n_obs,
+                    **_split_summary(src, split_opts, labels),
                 }
             )
             offset += src.n_obs
@@ -263,6 +330,7 @@ def _ingest(
     chunk_rows: int,
     s3_endpoint_url: str | None,
     experiment_metadata: dict | None,
+    split_opts: _SplitOptions,
 ) -> dict:
     if chunk_rows < 1:
         raise IngestError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -275,10 +343,20 @@ def _ingest(
             state, openers, dataset_ids, label_columns, fill_values or {}, chunk_rows
         )
         try:
+            _assign_splits(state, sources, labels, split_opts)
             var, maps = _plan_var(state, sources)
             ctx = soma_context(target, s3_endpoint_url)
             datasets = _write(
-                target, ctx, state, sources, labels, var, maps, chunk_rows, experiment_metadata or {}
+                target,
+                ctx,
+                state,
+                sources,
+                labels,
+                var,
+                maps,
+                chunk_rows,
+                experiment_metadata or {},
+                split_opts,
             )
         finally:
             for src in sources:
@@ -312,6 +390,14 @@ def _parse_fill(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise IngestError(f"--split-fractions expects TRAIN,VAL,TEST numbers, got {text!r}") from None
+    return check_split_fractions(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipelines.ingest", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="input files, one dataset each")
@@ -327,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fill", action="append", default=[], metavar="COL=VALUE", help="fill value for missing labels"
     )
+    p.add_argument(
+        "--split-fractions",
+        default=",".join(f"{f:g}" for f in DEFAULT_SPLIT_FRACTIONS),
+        metavar="TRAIN,VAL,TEST",
+        help="fractions of the split drawn for cells without obs['split'] (default 0.8,0.1,0.1)",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the split draw (default 0)")
     p.add_argument("--chunk-rows", type=int, default=10_000, help="cells per chunk (default 10000)")
     p.add_argument("--s3-endpoint-url", default=None, help="endpoint override for s3:// atlases")
     return p
@@ -345,12 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             fill_values=_parse_fill(args.fill),
             chunk_rows=args.chunk_rows,
             s3_endpoint_url=args.s3_endpoint_url,
+            split_fractions=_parse_fractions(args.split_fractions),
+            split_seed=args.split_seed,
         )
     except ValueError as exc:  # IngestError, or an atlas path that is not a SOMA experiment
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for d in summary["datasets"]:
-        print(f"{d['dataset_id']}: {d['n_cells']} cells, {d['n_genes']} genes ({d['source']})")
+        split = ", ".join(f"{k} {v}" for k, v in d.get("split", {}).items()) or "no split column"
+        print(f"{d['dataset_id']}: {d['n_cells']} cells, {d['n_genes']} genes, split {split} ({d['source']})")
     print(
         f"atlas {summary['atlas_uri']}: {summary['n_obs']} cells, {summary['n_vars']} genes ({summary['n_new_genes']} new)"
     )

@@ -10,9 +10,7 @@ Runs unchanged under python, torchrun (single or multi node) and deepspeed; all 
 
 from __future__ import annotations
 
-import sys
-
-from _cli import parse
+from _cli import cli_main, parse
 
 from scldm_scale.config import VAEExperimentConfig, load_config
 from scldm_scale.train.run import run_vae
@@ -24,4 +22,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(main)

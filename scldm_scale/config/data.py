@@ -5,10 +5,12 @@ Owned by the loader (`scldm_scale/data/`). Torch-free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 DEMO_ATLAS = "demo"
+DEFAULT_LABEL_COLUMNS = ("dataset_id", "cell_type")
+"""What `data.label_columns: null` (the default) uses: those of these columns the atlas obs has."""
 
 
 @dataclass(kw_only=True)
@@ -22,11 +24,13 @@ class SomaDataConfig:
     layer_name: str = "raw"
     """X layer with integer counts."""
     value_filter: str | None = "split == 'train'"
-    """obs query for training cells (SOMA value_filter syntax)."""
+    """obs query for training cells (SOMA value_filter syntax; data_pipelines.ingest writes `split`); None =
+    every cell."""
     val_value_filter: str | None = "split == 'val'"
     """obs query for validation cells; None disables validation."""
-    label_columns: list[str] = field(default_factory=lambda: ["dataset_id", "cell_type"])
-    """obs columns turned into integer label ids (0 is reserved for unknown / null)."""
+    label_columns: list[str] | None = None
+    """obs columns turned into integer label ids (0 is reserved for unknown / null); None = auto: dataset_id
+    and cell_type, those the atlas has (resolved when the loader opens it). A listed column must exist."""
     min_gene_cells: int = 0
     """Keep only genes whose var `n_cells` (cells with a non-zero count) is at least this; 0 keeps all."""
     micro_batch_size: int = 64
@@ -81,5 +85,5 @@ class SomaDataConfig:
             )
         if self.memory_budget_mb < 1:
             raise ValueError(f"data.memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
-        if len(set(self.label_columns)) != len(self.label_columns):
+        if self.label_columns is not None and len(set(self.label_columns)) != len(self.label_columns):
             raise ValueError(f"data.label_columns has duplicates: {self.label_columns}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,8 @@ import tiledbsoma
 import torch
 from torch.utils.data import DataLoader
 
-from scldm_scale.config.data import DEMO_ATLAS, SomaDataConfig
+from scldm_scale.config import ConfigError
+from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
 from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.dataset import SomaCellDataset
@@ -31,10 +33,11 @@ _FROM_CONFIG: Any = object()
 
 
 def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledbsoma.Experiment:
-    """Open the atlas and check it: measurement, X layer (sparse), var `feature_id`, obs label columns.
+    """Open the atlas and check it against the config: measurement, X layer (sparse), var `feature_id`, the
+    obs columns named by `data.label_columns`, `data.value_filter` and `data.val_value_filter`.
 
     Raises:
-        ValueError: listing every problem found.
+        ConfigError: one line listing every problem found, each naming its `data.*` key.
     """
     uri = atlas_uri or cfg.atlas_uri
     if uri == DEMO_ATLAS:
@@ -45,7 +48,11 @@ def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledb
     try:
         exp = tiledbsoma.Experiment.open(uri, context=ctx)
     except Exception as exc:
-        raise ValueError(f"data.atlas_uri={uri!r} is not a readable SOMA Experiment: {exc}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"data.atlas_uri={uri!r} is not a readable SOMA Experiment ({reason}); point it at an atlas written "
+            "by python -m data_pipelines.ingest"
+        ) from exc
     problems = []
     if cfg.measurement_name not in exp.ms:
         problems.append(
@@ -60,14 +67,75 @@ def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledb
             problems.append(f"data.layer_name={cfg.layer_name!r} is not a sparse X layer")
         if "feature_id" not in ms.var.schema.names:
             problems.append("the atlas var has no `feature_id` column (the gene key)")
-    obs_cols = exp.obs.schema.names
-    missing = [c for c in cfg.label_columns if c not in obs_cols]
-    if missing:
-        problems.append(f"data.label_columns {missing} not in obs columns {obs_cols}")
+    obs_cols = list(exp.obs.schema.names)
+    if cfg.label_columns is not None:
+        missing = [c for c in cfg.label_columns if c not in obs_cols]
+        if missing:
+            problems.append(
+                f"data.label_columns names {', '.join(map(repr, missing))}, not an obs column of the atlas at "
+                f"{uri} (obs columns: {', '.join(obs_cols)}); list only those, or set data.label_columns=null "
+                f"(auto: {' and '.join(DEFAULT_LABEL_COLUMNS)} where present)"
+            )
+    for key, value_filter in (
+        ("data.value_filter", cfg.value_filter),
+        ("data.val_value_filter", cfg.val_value_filter),
+    ):
+        problems += check_value_filter(key, value_filter, obs_cols, uri)
     if problems:
         exp.close()
-        raise ValueError("atlas check failed:\n  " + "\n  ".join(problems))
+        raise ConfigError("; ".join(problems))
     return exp
+
+
+_FILTER_KEYWORDS = frozenset({"and", "or", "not", "in", "is", "true", "false", "none", "null", "nan"})
+
+
+def filter_columns(value_filter: str) -> list[str]:
+    """The column names a SOMA value_filter refers to: identifiers outside quotes, not keywords or calls."""
+    text = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", " ", value_filter)
+    names = re.findall(r"(?<![\w.])([A-Za-z_]\w*)\b(?!\s*\()", text)
+    return list(dict.fromkeys(n for n in names if n.lower() not in _FILTER_KEYWORDS))
+
+
+def check_value_filter(key: str, value_filter: str | None, obs_columns: list[str], uri: str) -> list[str]:
+    """One problem per column that `value_filter` (the config value of `key`) names and obs lacks."""
+    if value_filter is None:
+        return []
+    problems = []
+    for col in (c for c in filter_columns(value_filter) if c not in obs_columns):
+        fix = (
+            "re-ingest with a current data_pipelines.ingest (it adds split)"
+            if col == "split"
+            else f"fix the filter (obs columns: {', '.join(obs_columns)})"
+        )
+        problems.append(
+            f"{key}={value_filter!r}: the atlas at {uri} has no obs column {col!r}; {fix} or set {key}=null"
+        )
+    return problems
+
+
+def resolve_label_columns(
+    cfg: SomaDataConfig, obs_columns: list[str], label_vocabs: dict[str, LabelVocab] | None = None
+) -> list[str]:
+    """The label columns of a run: `data.label_columns` as listed, else (null = auto) the columns of the
+    given training vocabularies, else those of `DEFAULT_LABEL_COLUMNS` the atlas obs has.
+
+    Raises:
+        ConfigError: naming a listed or vocabulary column the obs lacks, with the obs columns.
+    """
+    if cfg.label_columns is not None:
+        columns = list(cfg.label_columns)
+    elif label_vocabs is not None:
+        columns = list(label_vocabs)
+    else:
+        return [c for c in DEFAULT_LABEL_COLUMNS if c in obs_columns]
+    missing = [c for c in columns if c not in obs_columns]
+    if missing:
+        raise ConfigError(
+            f"data.label_columns: {', '.join(map(repr, missing))} not in the atlas obs columns "
+            f"({', '.join(obs_columns)})"
+        )
+    return columns
 
 
 def _read_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig):
@@ -91,13 +159,15 @@ def build_gene_vocab(cfg: SomaDataConfig, *, atlas_uri: str | None = None) -> Ge
 def build_label_vocabs(
     cfg: SomaDataConfig, *, atlas_uri: str | None = None, value_filter: str | None = _FROM_CONFIG
 ) -> dict[str, LabelVocab]:
-    """One LabelVocab per `data.label_columns`, categories from obs of the (training) filter, sorted."""
+    """One LabelVocab per label column (`resolve_label_columns`), categories from obs of the (training)
+    filter, sorted."""
     vf = cfg.value_filter if value_filter is _FROM_CONFIG else value_filter
-    if not cfg.label_columns:
-        return {}
     with open_experiment(cfg, atlas_uri) as exp:
-        obs = exp.obs.read(value_filter=vf, column_names=list(cfg.label_columns)).concat()
-    return {c: LabelVocab.from_values(c, obs.column(c)) for c in cfg.label_columns}
+        columns = resolve_label_columns(cfg, exp.obs.schema.names)
+        if not columns:
+            return {}
+        obs = exp.obs.read(value_filter=vf, column_names=columns).concat()
+    return {c: LabelVocab.from_values(c, obs.column(c)) for c in columns}
 
 
 class SomaLoader:
@@ -129,6 +199,7 @@ class SomaLoader:
         self.num_workers = num_workers
         self.gene_vocab = gene_vocab
         self.label_vocabs = label_vocabs
+        """One vocabulary per label column, in the order of the batches' `labels` columns."""
         self._fingerprint = fingerprint
         self._seed_was_given = seed_was_given
         self._mp_context = multiprocessing_context
@@ -139,6 +210,11 @@ class SomaLoader:
         self._finished_here = False  # the epoch was completed by iterating in this process
 
     # -- sizes -----------------------------------------------------------------------------------------
+    @property
+    def label_columns(self) -> list[str]:
+        """The resolved label columns (`data.label_columns`, or the auto default found in the atlas)."""
+        return list(self.label_vocabs)
+
     @property
     def epoch(self) -> int:
         return self._epoch
@@ -314,7 +390,8 @@ def build_loader(
         cfg: the data section.
         rank, world_size: default to `scldm_scale.utils.env` (never torch.distributed).
         gene_vocab: a checkpoint's vocabulary; None builds it from the atlas var (`build_gene_vocab`).
-        label_vocabs: the training label vocabularies; None builds them from obs of this filter.
+        label_vocabs: the training label vocabularies; None builds them from obs of this filter. Their
+            columns are the label columns when `data.label_columns` is null (auto).
         value_filter: obs filter; default `data.value_filter` (pass `cfg.val_value_filter` for validation).
         atlas_uri: overrides `data.atlas_uri` (e.g. the resolved demo atlas path).
         seed: used when `data.seed` is unset (e.g. the training seed).
@@ -331,6 +408,12 @@ def build_loader(
     seed_value, seed_given = _resolve_seed(cfg, seed, world_size) if shuffle else (0, True)
     uri = atlas_uri or cfg.atlas_uri
     with open_experiment(cfg, uri) as exp:
+        obs_cols = list(exp.obs.schema.names)
+        label_columns = resolve_label_columns(cfg, obs_cols, label_vocabs)
+        if value_filter is not _FROM_CONFIG and vf not in (cfg.value_filter, cfg.val_value_filter):
+            problems = check_value_filter("value_filter", vf, obs_cols, uri)
+            if problems:
+                raise ConfigError("; ".join(problems))
         var = _read_var(exp, cfg)
         if gene_vocab is None:
             gene_vocab = GeneVocab.from_var(
@@ -342,16 +425,18 @@ def build_loader(
         var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
         if not (var_to_token > 0).any():
             raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
-        obs = exp.obs.read(value_filter=vf, column_names=["soma_joinid", *cfg.label_columns]).concat()
+        obs = exp.obs.read(value_filter=vf, column_names=["soma_joinid", *label_columns]).concat()
         joinids = obs.column("soma_joinid").to_numpy()
         if len(joinids) > 1 and np.any(joinids[1:] < joinids[:-1]):
             obs = obs.take(np.argsort(joinids, kind="stable"))
         obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
         nnz = nnz_per_cell(exp.ms[cfg.measurement_name].X[cfg.layer_name], obs_joinids)
     if label_vocabs is None:
-        label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in cfg.label_columns}
-    labels = np.zeros((len(obs_joinids), len(cfg.label_columns)), np.int64)
-    for j, c in enumerate(cfg.label_columns):
+        label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in label_columns}
+    else:  # only the run's columns, in their order (the batches' `labels` columns)
+        label_vocabs = {c: label_vocabs[c] for c in label_columns}
+    labels = np.zeros((len(obs_joinids), len(label_columns)), np.int64)
+    for j, c in enumerate(label_columns):
         labels[:, j], unknown = label_vocabs[c].encode(obs.column(c))
         if unknown:
             logger.info("label column %r: %d cells with unknown / null category -> id 0", c, unknown)

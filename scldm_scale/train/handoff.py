@@ -19,7 +19,13 @@ import torch
 
 from scldm_scale.checkpoint.export import load_model_weights
 from scldm_scale.checkpoint.layout import resolve_checkpoint
-from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, load_config
+from scldm_scale.config import (
+    ConfigError,
+    LDMExperimentConfig,
+    SomaDataConfig,
+    VAEExperimentConfig,
+    load_config,
+)
 from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
 from scldm_scale.data.loader import build_gene_vocab, build_loader
 from scldm_scale.data.vocab import GeneVocab
@@ -93,7 +99,7 @@ def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
     try:
         ckpt = resolve_checkpoint(location)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"{key}: no stage-1 checkpoint at {location!r} ({exc})") from exc
+        raise ConfigError(f"{key}: no stage-1 checkpoint at {location!r} ({exc})") from exc
     state, meta = load_model_weights(ckpt)
     manifest = meta.get("manifest", {})
     if "gene_vocab" not in manifest or "config_yaml" not in manifest:

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from scldm_scale.config import LDMExperimentConfig, VAEExperimentConfig, load_config, to_flat_dict, to_yaml
+from scldm_scale.config import (
+    DEFAULT_LABEL_COLUMNS,
+    ConfigError,
+    LDMExperimentConfig,
+    SomaDataConfig,
+    VAEExperimentConfig,
+    load_config,
+    to_flat_dict,
+    to_yaml,
+)
+from scldm_scale.config.experiment import check_guidance_weights
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 STAGE_FILES = sorted(CONFIGS.glob("vae/*.yaml")) + sorted(CONFIGS.glob("ldm/*.yaml"))
@@ -55,8 +65,9 @@ def test_overrides_apply_last():
     ],
 )
 def test_bad_values_name_the_dotted_key(override, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
         load_config(VAEExperimentConfig, [], [override])
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
@@ -80,3 +91,44 @@ def test_flatten_and_yaml_round_trip(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(LDMExperimentConfig, [path]) == cfg
+
+
+def test_config_error_is_a_one_line_value_error():
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError) as info:  # several cross-field problems: still one line
+        load_config(
+            LDMExperimentConfig,
+            overrides=[
+                "stage1.checkpoint=a",
+                "stage1.mlflow_run_id=b",
+                "flow.guidance_weights=[1.0]",
+                "data.label_columns=[dataset_id,cell_type]",
+            ],
+        )
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("invalid config: stage1.checkpoint and")
+    assert "; flow.guidance_weights needs one weight per data.label_columns entry (2" in message
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(ConfigError, match="valid keys here: .*max_steps") as info:
+        load_config(VAEExperimentConfig, [], ["train.max_stepz=1"])
+    assert "train.max_stepz" in str(info.value)
+
+
+def test_label_columns_default_to_auto():
+    cfg = load_config(VAEExperimentConfig)
+    assert cfg.data.label_columns is None and DEFAULT_LABEL_COLUMNS == ("dataset_id", "cell_type")
+    assert load_config(VAEExperimentConfig, [], ["data.label_columns=[]"]).data.label_columns == []
+    assert "label_columns: null" in to_yaml(cfg)
+    with pytest.raises(ValueError, match="data.label_columns has duplicates"):
+        SomaDataConfig(label_columns=["a", "a"])
+
+
+def test_guidance_weights_are_checked_at_load_only_for_explicit_label_columns():
+    cfg = load_config(LDMExperimentConfig, [], ["flow.guidance_weights=[1.0]"])  # auto: unknown yet
+    check_guidance_weights(cfg, ["dataset_id"])
+    with pytest.raises(ConfigError, match=r"flow.guidance_weights .* \(2: dataset_id, cell_type\), got 1"):
+        check_guidance_weights(cfg, ["dataset_id", "cell_type"])
+    with pytest.raises(ConfigError, match="flow.guidance_weights"):
+        load_config(LDMExperimentConfig, [], ["flow.guidance_weights=[1.0]", "data.label_columns=[a,b]"])

@@ -225,3 +225,68 @@ def test_library_size_stats_from_a_shuffled_sample(small_atlas):
     datasets = {key.split(",")[0] for key in sample["groups"]}
     assert datasets == {key.split(",")[0] for key in full["groups"]}
     assert abs(sample["overall"]["mean_log"] - full["overall"]["mean_log"]) < 0.2
+
+
+@pytest.fixture(scope="module")
+def no_cell_type_atlas(tmp_path_factory) -> str:
+    """An ingested atlas whose obs has dataset_id, batch and split, but no cell_type."""
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from data_pipelines.ingest import ingest_anndata
+
+    rng = np.random.default_rng(0)
+    adatas = []
+    for _ in range(2):
+        x = sp.csr_matrix(rng.poisson(1.0, size=(60, 8)).astype(np.float32))
+        batch = pd.Categorical(rng.choice(["b1", "b2"], 60))
+        obs = pd.DataFrame({"batch": batch}, index=[f"c{i}" for i in range(60)])
+        var = pd.DataFrame(index=[f"G{j}" for j in range(8)])
+        adatas.append(anndata.AnnData(X=x, obs=obs, var=var))
+    uri = str(tmp_path_factory.mktemp("own") / "atlas")
+    ingest_anndata(uri, adatas, dataset_ids=["d0", "d1"])
+    return uri
+
+
+def test_auto_label_columns_are_the_defaults_the_atlas_has(small_atlas, no_cell_type_atlas):
+    loader = build_loader(_cfg(small_atlas, label_columns=None), rank=0, world_size=1)
+    assert loader.label_columns == ["dataset_id", "cell_type"] == list(loader.label_vocabs)
+    loader = build_loader(_cfg(no_cell_type_atlas, label_columns=None), rank=0, world_size=1)
+    assert loader.label_columns == ["dataset_id"]
+    batch = next(iter(loader))
+    assert batch["labels"].shape[1] == 1 and set(batch["labels"][:, 0].tolist()) <= {1, 2}
+    assert list(build_label_vocabs(_cfg(no_cell_type_atlas, label_columns=None))) == ["dataset_id"]
+    # Given training vocabularies (validation, latent cache, statistics): their columns, in their order.
+    vocabs = {"batch": LabelVocab.from_values("batch", ["b1", "b2"])}
+    cfg = _cfg(no_cell_type_atlas, label_columns=None)
+    other = build_loader(cfg, rank=0, world_size=1, label_vocabs=vocabs)
+    assert other.label_columns == ["batch"]
+
+
+def test_missing_columns_are_one_line_config_errors(no_cell_type_atlas):
+    from scldm_scale.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_loader(_cfg(no_cell_type_atlas, label_columns=["dataset_id", "cell_type"]), rank=0, world_size=1)
+    message = str(info.value)
+    assert "data.label_columns names 'cell_type'" in message and "\n" not in message
+    assert "(obs columns: soma_joinid, obs_id, dataset_id, batch, split)" in message
+    match = r"data.value_filter=\"tissue == 'x'\": the atlas at .* no obs column 'tissue'"
+    with pytest.raises(ConfigError, match=match):
+        build_loader(_cfg(no_cell_type_atlas, value_filter="tissue == 'x'"), rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="set data.val_value_filter=null"):
+        build_label_vocabs(_cfg(no_cell_type_atlas, label_columns=None, val_value_filter="donor == 'a'"))
+
+
+def test_value_filter_columns_and_the_split_hint():
+    from scldm_scale.data.loader import check_value_filter, filter_columns
+
+    assert filter_columns("split == 'train' and dataset_id != 'a and b'") == ["split", "dataset_id"]
+    assert filter_columns("n_genes > 1e3 or not (x in ['y', \"z\"]) or w is null") == ["n_genes", "x", "w"]
+    (problem,) = check_value_filter("data.value_filter", "split == 'train'", ["soma_joinid", "dataset_id"], "/a")
+    assert problem == (
+        "data.value_filter=\"split == 'train'\": the atlas at /a has no obs column 'split'; re-ingest with a "
+        "current data_pipelines.ingest (it adds split) or set data.value_filter=null"
+    )
+    assert check_value_filter("data.value_filter", None, [], "/a") == []

@@ -45,7 +45,8 @@ def test_roundtrip_layout(tmp_path, make_adata, write_h5ad):
     assert (
         summary["n_obs"] == 25 and summary["n_vars"] == 9 and summary["datasets"][0]["dataset_id"] == "pbmc"
     )
-    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "batch"]
+    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "batch", "split"]
+    assert set(obs["split"]) <= {"train", "val", "test"} and (obs["split"] == "train").sum() >= 15
     assert obs["obs_id"].tolist() == list(a.obs_names) and set(obs["dataset_id"]) == {"pbmc"}
     assert obs["cell_type"].tolist() == a.obs["cell_type"].astype(str).tolist()
     assert var["feature_id"].tolist() == a.var["feature_id"].tolist()
