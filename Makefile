@@ -7,10 +7,20 @@ INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constr
 install:
 	$(INSTALL)
 
+# The whole story on the embedded demo atlas: atlas -> stage 1 -> stage 2 -> generate -> evaluate -> compare.
 demo: install
 	$(PYTHON) -m data_pipelines.demo
 	$(PYTHON) launchers/train_vae.py
 	$(PYTHON) launchers/train_ldm.py
+	$(PYTHON) launchers/generate.py like_split=test num_cells=1000 out=runs/ldm-demo/generated.h5ad
+	$(PYTHON) launchers/evaluate.py --json runs/ldm-demo/eval-test/evaluation.json
+	$(PYTHON) launchers/compare.py --max-runs 3 --out runs/compare.md --plot runs/compare_loss.png
+	@echo ""
+	@echo "generated cells (h5ad):  runs/ldm-demo/generated.h5ad"
+	@echo "evaluation report:       runs/ldm-demo/eval-test/  (evaluation.json, umap_real_vs_generated.png, per_condition_metrics.png)"
+	@echo "training plots:          runs/vae-demo/plots/, runs/ldm-demo/plots/"
+	@echo "run comparison:          runs/compare.md, runs/compare_loss.png"
+	@echo "MLflow store:            mlruns.db  ->  mlflow ui --backend-store-uri sqlite:///mlruns.db"
 
 lint:
 	ruff check .

@@ -36,6 +36,9 @@ META_LABEL_COLUMNS = "scldm_scale.label_columns"
 SPLIT_COLUMN = "split"
 """obs column holding each cell's split; ingestion always writes it (the last obs column)."""
 SPLIT_VALUES = ("train", "val", "test")
+GENERATED_SPLIT = "generated"
+"""`split` of generated cells appended by `launchers/generate.py`: kept on ingestion, never assigned, and
+outside every default training / validation / evaluation filter."""
 INT32_MAX = int(np.iinfo(np.int32).max)
 FLOAT32_EXACT_MAX = 2**24
 """X is float32 on disk (int and float readers agree); integers up to 2**24 are stored exactly."""

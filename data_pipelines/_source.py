@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data_pipelines._atlas import FLOAT32_EXACT_MAX, INT32_MAX, SPLIT_COLUMN, SPLIT_VALUES
+from data_pipelines._atlas import FLOAT32_EXACT_MAX, GENERATED_SPLIT, INT32_MAX, SPLIT_COLUMN, SPLIT_VALUES
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,12 @@ def input_split(name: str, adata: anndata.AnnData) -> np.ndarray | None:
     values = adata.obs[SPLIT_COLUMN]
     missing = _missing(values)
     out = values.astype(object).astype(str).to_numpy(dtype=object)
-    bad = ~missing & ~np.isin(out, SPLIT_VALUES)
+    bad = ~missing & ~np.isin(out, (*SPLIT_VALUES, GENERATED_SPLIT))
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise IngestError(
-            f"{name}: obs[{SPLIT_COLUMN!r}] must be one of {', '.join(SPLIT_VALUES)} (or missing, then assigned), "
+            f"{name}: obs[{SPLIT_COLUMN!r}] must be one of {', '.join(SPLIT_VALUES)} (or missing, then assigned; "
+            f"{GENERATED_SPLIT!r} marks generated cells), "
             f"got {out[first]!r} at cell {adata.obs_names[first]!r} ({int(bad.sum())} such cell(s))"
         )
     out[missing] = None

@@ -47,10 +47,10 @@ from scldm_scale.data.loader import (
     build_loader,
     open_experiment,
 )
+from scldm_scale.data.obs import read_label_ids
 from scldm_scale.data.order import EpochOrder
 from scldm_scale.data.packed import PackedBatch
 from scldm_scale.data.reader import CellBlock, read_block
-from scldm_scale.data.obs import read_label_ids
 from scldm_scale.data.stats import LibrarySizeStats, LogNormalFit, library_size_stats
 from scldm_scale.data.stream import LoaderSpec, iter_slot
 from scldm_scale.data.vocab import PAD_TOKEN, UNKNOWN_LABEL, GeneVocab, LabelVocab

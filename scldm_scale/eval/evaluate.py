@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scldm_scale.config import ConfigError
 from scldm_scale.config.eval import ProtocolConfig, SamplingConfig
 from scldm_scale.data.loader import build_loader
 from scldm_scale.eval import metrics as M
@@ -186,7 +187,7 @@ def _conditions(model: Stage2Model, labels_NK: np.ndarray, columns: list[str] | 
     use = model.label_columns if columns is None else columns
     missing = [c for c in use if c not in model.label_columns]
     if missing:
-        raise ValueError(f"protocol.condition_columns: {missing} are not label columns of the model "
+        raise ConfigError(f"protocol.condition_columns: {missing} are not label columns of the model "
                          f"({model.label_columns})")
     cats = {c: v.categories for c, v in model.label_vocabs.items()}
     return P.condition_names(labels_NK, model.label_columns, cats, use)

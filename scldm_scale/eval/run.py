@@ -46,8 +46,6 @@ from scldm_scale.utils import setup_logging
 
 logger = logging.getLogger(__name__)
 
-GENERATED_SPLIT = "generated"
-"""`split` of generated cells appended to an atlas, so that the default training filters never read them."""
 EVALUATED_RUN_TAG = "scldm.evaluated_run"
 """Evaluation-run tag: the stage-2 MLflow run evaluated."""
 EVALUATED_CHECKPOINT_TAG = "scldm.evaluated_checkpoint"
@@ -92,8 +90,14 @@ def plan_labels(cfg: GenerateConfig, model: Stage2Model) -> tuple[np.ndarray, st
     if cfg.like_split is not None:
         rows = read_label_ids(model.cfg.data, model.label_vocabs, atlas_uri=model.atlas_uri,
                               value_filter=f"split == '{cfg.like_split}'")
+        known = (rows > 0).all(1)
+        if not known.all():
+            logger.warning("like_split=%s: %d of %d cells have label values the model was not trained on; the "
+                           "mix is taken from the other %d", cfg.like_split, (~known).sum(), len(rows), known.sum())
+        rows = rows[known]
         if len(rows) == 0:
-            raise ValueError(f"like_split={cfg.like_split!r}: no atlas cells have split == {cfg.like_split!r}")
+            raise ValueError(f"like_split={cfg.like_split!r}: no atlas cells of split {cfg.like_split!r} have "
+                             "label values the model was trained on")
         return expand_conditions(label_mix(rows, cfg.num_cells), K).numpy(), f"like split {cfg.like_split}"
     return np.zeros((cfg.num_cells, K), dtype=np.int64), "unconditional"
 
@@ -193,6 +197,7 @@ def append_to_atlas(cfg: GenerateConfig, model: Stage2Model, path: Path) -> None
     as generated (the label column dataset_id, if any, is kept as `source_dataset_id`)."""
     import anndata
 
+    from data_pipelines._atlas import GENERATED_SPLIT
     from data_pipelines.ingest import ingest_anndata  # lazy: ingestion is only needed here
 
     name = cfg.dataset_id or f"generated-{Path(str(model.checkpoint)).parent.parent.name}"

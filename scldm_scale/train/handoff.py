@@ -143,14 +143,14 @@ def check_vocabulary(data_cfg: SomaDataConfig, atlas_uri: str, stage1: Stage1) -
         logger.warning("the atlas has %d genes the stage-1 vocabulary lacks; they are ignored", extra)
 
 
-def cache_key(cfg: LDMExperimentConfig, atlas_uri: str, stage1: Stage1) -> dict[str, Any]:
+def cache_key(cfg: LDMExperimentConfig, atlas_uri: str, stage1: Stage1, label_columns: list[str]) -> dict[str, Any]:
     """What the cached latents depend on: the stage-1 weights, atlas, filter, labels and vocabulary."""
     vocab_sha = hashlib.sha1(stage1.gene_vocab.to_json().encode()).hexdigest()[:16]
     return {
         "stage1_checkpoint": str(stage1.checkpoint.resolve()),
         "atlas_uri": atlas_uri,
         "value_filter": cfg.data.value_filter,
-        "label_columns": list(cfg.data.label_columns),
+        "label_columns": list(label_columns),
         "max_tokens_per_cell": cfg.data.max_tokens_per_cell,
         "gene_vocab_sha1": vocab_sha,
     }
@@ -163,7 +163,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
     Every rank encodes its own partition of one unshuffled pass; rank 0 writes the index after a barrier.
     """
     need = latent_cache.estimate_bytes(
-        data.loader.num_cells, stage1.vae.latent_shape, len(cfg.data.label_columns)
+        data.loader.num_cells, stage1.vae.latent_shape, len(data.loader.label_vocabs)
     )
     mode = cfg.latent_cache.mode
     if mode == "never" or (mode == "auto" and need > cfg.latent_cache.max_bytes):
@@ -176,7 +176,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
         _fit_latent_stats(cfg, stage1, None)
         return None
     cache_dir = Path(cfg.latent_cache.dir or Path(cfg.train.run_dir) / "latent_cache")
-    key = cache_key(cfg, data.atlas_uri, stage1)
+    key = cache_key(cfg, data.atlas_uri, stage1, list(data.loader.label_vocabs))
     if not broadcast_object(latent_cache.cache_is_valid(cache_dir, key) if dist.rank == 0 else None):
         _build_cache(cfg, dist, data, stage1, cache_dir, key)
     loader = latent_cache.LatentCacheLoader(

@@ -1,6 +1,6 @@
 """Learning-rate schedules as multiplicative factors of the peak LR (for `torch.optim.lr_scheduler.LambdaLR`).
 
-Reference (REFERENCE.md section 3): stage 1 uses warmup-stable-decay, warming up linearly from lr/100 over
+As in the authors' public scLDM code: stage 1 uses warmup-stable-decay, warming up linearly from lr/100 over
 10% of the steps, holding, then decaying with 1 - sqrt to 0.1 lr over the last 10%; stage 2 warms up over
 10% and follows a cosine from lr to 0.1 lr. Torch-free: factors are plain functions of the step index.
 """

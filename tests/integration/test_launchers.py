@@ -200,8 +200,9 @@ def test_stage2_from_the_stage1_run_id_under_plain_python(demo_atlas, stage1, tm
     assert s2_run.data.tags["scldm.stage1.checkpoint"].endswith("step-00000004")
     assert s2_run.data.params["run.latent_cache"] == "True" and s2_run.data.params["run.world_size"] == "1"
     assert len(client.get_metric_history(s2_run.info.run_id, "train/fm_mse")) == 4
-    assert {"eval/w2", "eval/mmd2_rbf", "eval/fd"} <= set(s2_run.data.metrics)
-    assert "plots/generated_vs_real_pca.png" in {
+    scored = {f"eval/{s}/{m}" for s in ("scldm", "real_floor") for m in ("w2", "mmd2_unbiased", "fd", "energy")}
+    assert scored <= set(s2_run.data.metrics)
+    assert {"plots/generated_vs_real_pca.png", "plots/per_condition_metrics.png"} <= {
         a.path for a in client.list_artifacts(s2_run.info.run_id, "plots")
     }
 

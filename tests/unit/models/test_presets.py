@@ -43,8 +43,8 @@ def test_all_presets_present():
         ("census_20m", CENSUS_GENES, 20e6),
         ("census_70m", CENSUS_GENES, 70e6),
         ("census_270m", CENSUS_GENES, 270e6),
-        ("base", 2_000, 0.30e6),  # REFERENCE.md 1.8: Parse / Replogle (2,000 HVGs) ~0.30M
-        ("base", 17_002, 0.79e6),  # REFERENCE.md 1.8: dentate gyrus ~0.79M
+        ("base", 2_000, 0.30e6),  # the authors' vae_base on Parse / Replogle (2,000 HVGs): ~0.30M
+        ("base", 17_002, 0.79e6),  # the authors' vae_base on dentate gyrus: ~0.79M
     ],
 )
 def test_vae_parameter_counts(name, num_genes, target):
@@ -56,7 +56,7 @@ def test_vae_parameter_counts(name, num_genes, target):
 def test_dit_base_parameter_count():
     cfg = load_config(LDMExperimentConfig, [CONFIGS / "ldm" / "base.yaml"]).model
     count = count_dit_parameters(cfg, (16, 16), [14])
-    assert abs(count - 9.7e6) / 9.7e6 < 0.10, count  # REFERENCE.md 2.1
+    assert abs(count - 9.7e6) / 9.7e6 < 0.10, count  # the authors' DiT preset: ~9.7M
 
 
 @pytest.mark.parametrize(

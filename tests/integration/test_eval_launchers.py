@@ -1,0 +1,148 @@
+"""generate.py, evaluate.py and compare.py end to end on a debug run, as users start them (plain python and
+torchrun), with a real MLflow SQLite store: the same h5ad on 1 and 2 ranks, library sizes from the manifest,
+cells appended to a SOMA atlas, the evaluation JSON's shape and its MLflow run, a comparison table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pytest
+import tiledbsoma
+
+from scldm_scale.data import LibrarySizeStats
+from scldm_scale.data.vocab import LabelVocab
+from tests.integration._launch import (
+    LDM,
+    LDM_DEBUG,
+    REPO,
+    SMALL_DATA,
+    TORCHRUN,
+    VAE,
+    VAE_DEBUG,
+    launch_env,
+    run,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GEN = str(REPO / "launchers" / "generate.py")
+EVAL = str(REPO / "launchers" / "evaluate.py")
+COMPARE = str(REPO / "launchers" / "compare.py")
+QUIET = ["tracking.enable_system_metrics=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_atlas, tmp_path_factory):
+    """A debug stage 1 and stage 2 on the two small demo datasets (plain python, SQLite MLflow store)."""
+    root = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{root}/mlruns.db"
+    env = launch_env(demo_atlas)
+    common = [*SMALL_DATA, f"tracking.uri={uri}", "train.max_steps=6", *QUIET]
+    run([sys.executable, VAE, "--config", VAE_DEBUG, *common, f"train.run_dir={root}/s1"], env)
+    run([sys.executable, LDM, "--config", LDM_DEBUG, *common, f"train.run_dir={root}/s2",
+         f"stage1.checkpoint={root}/s1", "eval.num_cells=48", "flow.num_steps=2"], env)
+    return {"root": root, "uri": uri, "s2": root / "s2", "env": env}
+
+
+def _manifest(run_dir):
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return json.loads((ckpt / "meta.json").read_text())["manifest"]
+
+
+def test_generate_writes_the_same_h5ad_on_one_and_two_ranks(trained):
+    root, env = trained["root"], trained["env"]
+    args = [f"model.checkpoint={trained['s2']}", "like_split=test", "num_cells=30", "model.batch_size=8",
+            "sampling.num_steps=2", "seed=3", f"tracking.uri={trained['uri']}"]
+    run([sys.executable, GEN, *args, f"out={root}/one.h5ad"], env)
+    run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", GEN, *args, f"out={root}/two.h5ad"], env)
+    one, two = anndata.read_h5ad(root / "one.h5ad"), anndata.read_h5ad(root / "two.h5ad")
+    assert one.shape == two.shape and one.shape[0] == 30
+    assert (one.X != two.X).nnz == 0 and one.X.dtype == np.int32 and one.X.sum() > 0
+    np.testing.assert_array_equal(one.obsm["X_latent"], two.obsm["X_latent"])
+    assert one.obs.equals(two.obs) and list(one.var_names) == list(two.var_names)
+    settings = json.loads(one.uns["scldm"]["settings"])
+    assert settings["seed"] == 3 and settings["labels"] == "like split test"
+    assert json.loads(two.uns["scldm"]["settings"])["world_size"] == 2
+    assert json.loads(one.uns["scldm"]["model"])["checkpoint"].startswith(str(trained["s2"]))
+    # the label mix of the test split: pbmc700 70 cells, wu2020 18 -> 24 and 6 of 30
+    assert one.obs["dataset_id"].value_counts().to_dict() == {"pbmc700": 24, "wu2020": 6}
+
+
+def test_generate_from_conditions_draws_library_sizes_from_the_manifest_and_appends_to_soma(trained):
+    root, env = trained["root"], trained["env"]
+    atlas = root / "with_generated"
+    run([sys.executable, GEN, f"model.checkpoint={trained['s2']}", "--condition", "dataset_id=pbmc700:150",
+         "--condition", "dataset_id=wu2020:50", "sampling.num_steps=2", f"out={root}/cond.h5ad",
+         f"soma_uri={atlas}", "dataset_id=my-generated-cells"], env)
+    adata = anndata.read_h5ad(root / "cond.h5ad")
+    manifest = _manifest(trained["s2"])
+    stats = LibrarySizeStats.from_manifest(manifest["library_size_stats"])
+    vocab = LabelVocab.from_json(manifest["label_vocabs"]["dataset_id"])
+    j = stats.label_columns.index("dataset_id")
+    for name, n in (("pbmc700", 150), ("wu2020", 50)):
+        logs = np.log(adata.obs["library_size"][adata.obs["dataset_id"] == name].to_numpy(np.float64))
+        row = [0] * len(stats.label_columns)
+        row[j] = vocab.categories.index(name) + 1
+        fit = stats.fit_for(tuple(row))
+        assert len(logs) == n and abs(logs.mean() - fit.mean_log) < 4 * fit.std_log / np.sqrt(n) + 1e-3
+    assert adata.obs["cell_type"].isna().all()  # left free
+    with tiledbsoma.Experiment.open(str(atlas)) as exp:
+        obs = exp.obs.read().concat().to_pandas()
+    assert len(obs) == 200 and set(obs["dataset_id"]) == {"my-generated-cells"}
+    assert set(obs["split"]) == {"generated"}  # never read by the default training filters
+
+
+def test_evaluate_json_mlflow_and_compare(trained, tmp_path):
+    env, uri = trained["env"], trained["uri"]
+    out = tmp_path / "eval.json"
+    proc = run([sys.executable, EVAL, f"model.checkpoint={trained['s2']}", "--json", str(out),
+                "protocol.value_filter=split == 'test' and dataset_id != 'brain10k'",
+                "protocol.condition_columns=[dataset_id]", "protocol.min_cells_per_condition=10",
+                "protocol.max_cells=200", "protocol.seeds=[0,1]", "protocol.num_pcs=10",
+                "sampling.num_steps=2", f"out_dir={tmp_path}/report", f"tracking.uri={uri}", *QUIET], env)
+    result = json.loads(out.read_text())
+    gen = result["generation"]
+    for source in ("scldm", "gaussian_baseline", "stage1_ceiling", "real_floor"):
+        for m in ("w2", "mmd2_unbiased", "fd", "energy", "knn_condition_acc"):
+            assert set(gen[source][m]) == {"mean", "std"}, (source, m)
+        assert gen[source]["per_condition"]["dataset_id=wu2020"]["n_real"] == 18
+        assert "w2" in gen[source]["per_condition"]["dataset_id=pbmc700"]
+    assert set(result["reconstruction"]) >= {"nll", "pearson_gene", "pearson_cell", "mse"}
+    assert set(result["classification"]["dataset_id"]) >= {"logreg_acc", "knn_acc", "macro_f1"}
+    assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["eval_cells"] == 88
+    assert (tmp_path / "report" / "umap_real_vs_generated.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "per_condition_metrics.png").stat().st_size > 10_000
+    assert "report:" in proc.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("scldm_scale").experiment_id])
+    by_stage = {r.data.tags.get("scldm.stage"): r for r in runs}
+    ev, s2 = by_stage["eval"], by_stage["ldm"]
+    assert ev.data.tags["scldm.evaluated_run"] == s2.info.run_id
+    assert ev.info.run_name.startswith("eval-s2-") and s2.info.run_name.startswith("ldm-s2-")
+    assert ev.data.metrics["eval/scldm/fd"] == pytest.approx(gen["scldm"]["fd"]["mean"])
+    assert {"evaluation/evaluation.json", "evaluation/umap_real_vs_generated.png"} <= {
+        a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")
+    }
+
+    table = tmp_path / "runs.md"
+    proc = run([sys.executable, COMPARE, "--uri", uri, "--out", str(table)], env)
+    text = table.read_text()
+    for r in (ev, s2):
+        assert r.info.run_name in text
+    assert "eval/scldm/fd" in text
+
+
+def test_a_bad_model_location_is_one_error_line(trained, tmp_path):
+    for launcher, extra in ((GEN, []), (EVAL, ["umap=false"])):
+        proc = subprocess.run([sys.executable, launcher, f"model.checkpoint={tmp_path}/nothing", *extra],
+                              env=trained["env"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "model.checkpoint" in errors[0] and "Traceback" not in proc.stderr
