@@ -36,8 +36,9 @@ def cli_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
     """Run `main(argv or sys.argv[1:])`; a `ConfigError` prints `error: <message>` (one line, no traceback,
     on rank 0 only: env RANK unset or "0") and exits with status 2 on every rank. Other errors propagate.
 
-    Every rank raises the same ConfigError (config and atlas checks run on each rank before any collective),
-    so all ranks exit 2 and none waits on another.
+    The config and atlas checks run on every rank before any collective, so every rank raises the same
+    ConfigError and none waits on another; under torchrun / deepspeed the launcher then stops the job
+    (a rank still in its exit delay ends by its SIGTERM: still non-zero).
     """
     try:
         main(argv or sys.argv[1:])
