@@ -2,6 +2,11 @@
 PYTHON ?= python
 INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev]"
 
+# Joint guidance at weight 1 is the plain conditional model: one DiT pass per ODE step instead of additive
+# guidance's three (measured on the demo: the same scores, 3x faster sampling). The demo scores per dataset:
+# its cell types have fewer than 30 test cells each (docs/evaluation.md, "Conditions").
+DEMO_SAMPLING = sampling.guidance=joint
+
 .PHONY: install demo test lint
 
 install:
@@ -12,8 +17,9 @@ demo: install
 	$(PYTHON) -m data_pipelines.demo
 	$(PYTHON) launchers/train_vae.py
 	$(PYTHON) launchers/train_ldm.py
-	$(PYTHON) launchers/generate.py like_split=test num_cells=1000 out=runs/ldm-demo/generated.h5ad
-	$(PYTHON) launchers/evaluate.py --json runs/ldm-demo/eval-test/evaluation.json
+	$(PYTHON) launchers/generate.py like_split=test num_cells=1000 $(DEMO_SAMPLING) out=runs/ldm-demo/generated.h5ad
+	$(PYTHON) launchers/evaluate.py $(DEMO_SAMPLING) protocol.condition_columns=[dataset_id] \
+		--json runs/ldm-demo/eval-test/evaluation.json
 	$(PYTHON) launchers/compare.py --max-runs 3 --out runs/compare.md --plot runs/compare_loss.png
 	@echo ""
 	@echo "generated cells (h5ad):  runs/ldm-demo/generated.h5ad"

@@ -52,11 +52,7 @@ def plot_loss_curves(history: dict[str, list[tuple[int, float]]], path: str | Pa
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_generated_vs_real(
@@ -81,11 +77,7 @@ def plot_generated_vs_real(
         floor = "  ".join(f"{k[6:]} {v:.3g}" for k, v in scores.items() if k.startswith("floor_"))
         ax.set_title(gen + (f"\nreal vs real floor: {floor}" if floor else ""), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def umap_embedding(x: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:

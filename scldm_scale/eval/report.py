@@ -132,7 +132,7 @@ def evaluate_generation(
         paths = [plot_generated_vs_real(np.asarray(real_pc), np.asarray(gen_pc), plots / "generated_vs_real_pca.png",
                                         title)]
         per_condition = {s: {c: v for c, v in r["per_condition"].items() if "w2" in v}
-                         for s, r in result["generation"].items() if s != "scldm_shuffled_labels"}
+                         for s, r in result["generation"].items() if "per_condition" in r and s != "scldm_shuffled_labels"}
         paths.append(plot_condition_bars(per_condition, plots / "per_condition_metrics.png",
                                          title="end-of-run protocol, one seed"))
         for path in paths:

@@ -226,7 +226,7 @@ def write_report(result: dict[str, Any], plot_data: dict[str, Any], out_dir: Pat
     files[0].write_text(json.dumps(result, indent=1, default=float))
     per_condition = {s: {c: {m: v[m] for m in ("w2", "mmd2_unbiased", "fd", "energy") if m in v}
                          for c, v in r["per_condition"].items() if "w2" in v}
-                     for s, r in result["generation"].items() if s != "scldm_shuffled_labels"}
+                     for s, r in result["generation"].items() if "per_condition" in r and s != "scldm_shuffled_labels"}
     title = f"per condition, mean +- std over seeds {result['protocol']['seeds']}"
     files.append(plots.plot_condition_bars(per_condition, out_dir / "per_condition_metrics.png", title=title))
     if umap:

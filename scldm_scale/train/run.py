@@ -21,6 +21,7 @@ from torch import nn
 from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
 from scldm_scale.config.data import DEMO_ATLAS
+from scldm_scale.config.experiment import check_guidance_weights
 from scldm_scale.data.loader import SomaLoader, build_loader
 from scldm_scale.data.stats import library_size_stats
 from scldm_scale.distributed import (
@@ -158,6 +159,7 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
         seed_everything(cfg.train.seed)
         stage1 = handoff.load_stage1(cfg, dist)
         data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
+        check_guidance_weights(cfg, data.loader.label_columns)
         loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
         dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
         n_params = num_parameters(dit)

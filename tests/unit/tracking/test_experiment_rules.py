@@ -11,11 +11,15 @@ def test_stage1_sources_are_exclusive():
     with pytest.raises(ValueError, match="stage1.checkpoint and stage1.mlflow_run_id"):
         load_config(LDMExperimentConfig, overrides=["stage1.checkpoint=a", "stage1.mlflow_run_id=b"])
 
+COLS = "data.label_columns=[dataset_id,cell_type]"
+
 
 def test_guidance_weights_match_label_columns():
     with pytest.raises(ValueError, match="flow.guidance_weights"):
-        load_config(LDMExperimentConfig, overrides=["flow.guidance_weights=[1.0]"])
-    load_config(LDMExperimentConfig, overrides=["flow.guidance_weights=[1.0,2.0]"])
+        load_config(LDMExperimentConfig, overrides=[COLS, "flow.guidance_weights=[1.0]"])
+    load_config(LDMExperimentConfig, overrides=[COLS, "flow.guidance_weights=[1.0,2.0]"])
+    # auto label columns (null): the number is known once the atlas is open; checked by the run then
+    load_config(LDMExperimentConfig, overrides=["flow.guidance_weights=[1.0]"])
 
 
 def test_stage2_run_dir_must_differ_from_stage1():
@@ -29,7 +33,7 @@ def test_several_problems_are_reported_together():
     with pytest.raises(ValueError, match="(?s)stage1.checkpoint and.*flow.guidance_weights"):
         load_config(
             LDMExperimentConfig,
-            overrides=["stage1.checkpoint=a", "stage1.mlflow_run_id=b", "flow.guidance_weights=[1.0]"],
+            overrides=[COLS, "stage1.checkpoint=a", "stage1.mlflow_run_id=b", "flow.guidance_weights=[1.0]"],
         )
 
 
