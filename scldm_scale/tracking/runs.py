@@ -183,20 +183,25 @@ def _format(value: float | str | None) -> str:
 def comparison_table(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     """One row per run: who it is, the params that differ, final losses, throughput, `eval/*` scores.
 
-    Columns: `name`, `run_id` (first 8 characters), `stage`, `status`, then `param:<key>` for each param
-    whose value is not the same in every run, the last value of each `train/loss*`, `train/nll*` and
-    `val/*` metric, `sys/cells_per_second` (and `sys/step_time` when logged), and every `eval/*` metric.
+    Columns: `name`, `run_id` (first 8 characters), `stage`, `status`, then `param:<key>` for each param that
+    at least two runs have and whose value differs between runs (a param of one run only, e.g. of another
+    stage, says nothing in a comparison), the last value of each `train/loss*`, `train/nll*` and `val/*`
+    metric, `sys/cells_per_second` (and `sys/step_time` when logged), and every `eval/*` metric (means; the
+    `_std` companions stay in MLflow).
     Keys are sorted within each group; a value a run does not have is `-`.
 
     Returns:
         (column names, rows of strings).
     """
     param_keys = sorted({k for r in runs for k in r.params})
-    differing = [k for k in param_keys if len({r.params.get(k) for r in runs}) > 1]
+    differing = [
+        k for k in param_keys
+        if sum(k in r.params for r in runs) >= 2 and len({r.params.get(k) for r in runs}) > 1
+    ]
     metric_keys = sorted({k for r in runs for k in r.metrics})
     losses = [k for k in metric_keys if k.startswith(LOSS_PREFIXES)]
     throughput = [k for k in THROUGHPUT_KEYS if k == THROUGHPUT_KEYS[0] or k in metric_keys]
-    scores = [k for k in metric_keys if k.startswith("eval/")]
+    scores = [k for k in metric_keys if k.startswith("eval/") and not k.endswith("_std")]
     columns = ["name", "run_id", "stage", "status", *(f"param:{k}" for k in differing)]
     columns += [*losses, *throughput, *scores]
     rows = []

@@ -14,6 +14,9 @@ from tests.distributed._helpers import free_port
 REPO = Path(__file__).resolve().parents[2]
 VAE = str(REPO / "launchers" / "train_vae.py")
 LDM = str(REPO / "launchers" / "train_ldm.py")
+GENERATE = str(REPO / "launchers" / "generate.py")
+EVALUATE = str(REPO / "launchers" / "evaluate.py")
+COMPARE = str(REPO / "launchers" / "compare.py")
 VAE_DEBUG = str(REPO / "configs" / "vae" / "debug.yaml")
 LDM_DEBUG = str(REPO / "configs" / "ldm" / "debug.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

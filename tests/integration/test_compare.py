@@ -12,9 +12,7 @@ import pytest
 
 from scldm_scale.config import TrackingConfig
 from scldm_scale.tracking import build_logger
-
-REPO = Path(__file__).resolve().parents[2]
-COMPARE = str(REPO / "launchers" / "compare.py")
+from tests.integration._launch import COMPARE, REPO
 
 
 def _log_run(root: Path, preset: str, lr: str, losses: list[float]) -> str:

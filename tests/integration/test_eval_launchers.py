@@ -16,9 +16,11 @@ import tiledbsoma
 from scldm_scale.data import LibrarySizeStats
 from scldm_scale.data.vocab import LabelVocab
 from tests.integration._launch import (
+    COMPARE,
+    EVALUATE,
+    GENERATE,
     LDM,
     LDM_DEBUG,
-    REPO,
     SMALL_DATA,
     TORCHRUN,
     VAE,
@@ -29,9 +31,6 @@ from tests.integration._launch import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-GEN = str(REPO / "launchers" / "generate.py")
-EVAL = str(REPO / "launchers" / "evaluate.py")
-COMPARE = str(REPO / "launchers" / "compare.py")
 QUIET = ["tracking.enable_system_metrics=false"]
 
 
@@ -57,8 +56,8 @@ def test_generate_writes_the_same_h5ad_on_one_and_two_ranks(trained):
     root, env = trained["root"], trained["env"]
     args = [f"model.checkpoint={trained['s2']}", "like_split=test", "num_cells=30", "model.batch_size=8",
             "sampling.num_steps=2", "seed=3", f"tracking.uri={trained['uri']}"]
-    run([sys.executable, GEN, *args, f"out={root}/one.h5ad"], env)
-    run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", GEN, *args, f"out={root}/two.h5ad"], env)
+    run([sys.executable, GENERATE, *args, f"out={root}/one.h5ad"], env)
+    run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", GENERATE, *args, f"out={root}/two.h5ad"], env)
     one, two = anndata.read_h5ad(root / "one.h5ad"), anndata.read_h5ad(root / "two.h5ad")
     assert one.shape == two.shape and one.shape[0] == 30
     assert (one.X != two.X).nnz == 0 and one.X.dtype == np.int32 and one.X.sum() > 0
@@ -75,7 +74,7 @@ def test_generate_writes_the_same_h5ad_on_one_and_two_ranks(trained):
 def test_generate_from_conditions_draws_library_sizes_from_the_manifest_and_appends_to_soma(trained):
     root, env = trained["root"], trained["env"]
     atlas = root / "with_generated"
-    run([sys.executable, GEN, f"model.checkpoint={trained['s2']}", "--condition", "dataset_id=pbmc700:150",
+    run([sys.executable, GENERATE, f"model.checkpoint={trained['s2']}", "--condition", "dataset_id=pbmc700:150",
          "--condition", "dataset_id=wu2020:50", "sampling.num_steps=2", f"out={root}/cond.h5ad",
          f"soma_uri={atlas}", "dataset_id=my-generated-cells"], env)
     adata = anndata.read_h5ad(root / "cond.h5ad")
@@ -99,7 +98,7 @@ def test_generate_from_conditions_draws_library_sizes_from_the_manifest_and_appe
 def test_evaluate_json_mlflow_and_compare(trained, tmp_path):
     env, uri = trained["env"], trained["uri"]
     out = tmp_path / "eval.json"
-    proc = run([sys.executable, EVAL, f"model.checkpoint={trained['s2']}", "--json", str(out),
+    proc = run([sys.executable, EVALUATE, f"model.checkpoint={trained['s2']}", "--json", str(out),
                 "protocol.value_filter=split == 'test' and dataset_id != 'brain10k'",
                 "protocol.condition_columns=[dataset_id]", "protocol.min_cells_per_condition=10",
                 "protocol.max_cells=200", "protocol.seeds=[0,1]", "protocol.num_pcs=10",
@@ -140,7 +139,7 @@ def test_evaluate_json_mlflow_and_compare(trained, tmp_path):
 
 
 def test_a_bad_model_location_is_one_error_line(trained, tmp_path):
-    for launcher, extra in ((GEN, []), (EVAL, ["umap=false"])):
+    for launcher, extra in ((GENERATE, []), (EVALUATE, ["umap=false"])):
         proc = subprocess.run([sys.executable, launcher, f"model.checkpoint={tmp_path}/nothing", *extra],
                               env=trained["env"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]

@@ -8,6 +8,7 @@ are substituted, plus a few speed / isolation overrides (MLflow store, steps, ge
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -20,6 +21,7 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from tests.integration._launch import (
+    EVALUATE,
     LDM,
     LDM_DEBUG,
     REPO,
@@ -75,6 +77,7 @@ def own_data(tmp_path_factory, demo_atlas) -> dict:
         "configs/ldm/base.yaml": LDM_DEBUG,
         "launchers/train_vae.py": VAE,
         "launchers/train_ldm.py": LDM,
+        "launchers/evaluate.py": EVALUATE,
         "first.h5ad": str(first),
         "second.h5ad": str(second),
     }
@@ -83,6 +86,7 @@ def own_data(tmp_path_factory, demo_atlas) -> dict:
         ["python", "-m", "data_pipelines.ingest"],
         ["python", "launchers/train_vae.py", "--config"],
         ["python", "launchers/train_ldm.py", "--config"],
+        ["python", "launchers/evaluate.py", "model.checkpoint=runs/my_ldm"],
     ], commands
     used: set[str] = set()
 
@@ -97,6 +101,9 @@ def own_data(tmp_path_factory, demo_atlas) -> dict:
         [],  # ingestion exactly as written
         [f"tracking.uri=sqlite:///{root}/mlruns.db", *SPEED],
         [f"tracking.uri=sqlite:///{root}/mlruns.db", *SPEED, "eval.num_cells=48", "flow.num_steps=2"],
+        [f"tracking.uri=sqlite:///{root}/mlruns.db", "tracking.enable_system_metrics=false", "umap=false",
+         "protocol.max_cells=100", "protocol.seeds=[0]", "protocol.min_cells_per_condition=10",
+         "sampling.num_steps=2"],
     ]
     env, outputs = launch_env(demo_atlas), []
     for cmd, more in zip(commands, extra):
@@ -120,6 +127,8 @@ def test_readme_own_data_commands_run_as_written(own_data):
     for stage in ("my_vae", "my_ldm"):
         ckpts = sorted((root / "runs" / stage / "checkpoints").glob("step-*"))
         assert ckpts and ckpts[-1].name == "step-00000006", ckpts
+    result = json.loads((root / "runs" / "my_ldm" / "eval.json").read_text())  # the split gives a test set
+    assert {"dataset_id=first", "dataset_id=second"} == set(result["generation"]["scldm"]["per_condition"])
     config = (root / "runs" / "my_vae" / "config.yaml").read_text()
     assert "label_columns: null" in config  # the auto default, resolved in the atlas (dataset_id only)
 

@@ -51,16 +51,17 @@ def _summary(
 def test_comparison_table_keeps_differing_params_and_the_table_files_parse_back(tmp_path: Path):
     runs = [
         _summary(
-            "a" * 32, {"lr": "0.001", "seed": "0"}, {"train/loss": 1.5, "sys/cells_per_second": 12345.6}
+            "a" * 32, {"lr": "0.001", "seed": "0", "x|y": "2"}, {"train/loss": 1.5, "sys/cells_per_second": 12345.6}
         ),
-        _summary("b" * 32, {"lr": "0.0001", "seed": "0", "x|y": "1"}, {"train/loss": 0.25, "eval/fd": 138.0}),
+        _summary("b" * 32, {"lr": "0.0001", "seed": "0", "x|y": "1", "only_b": "7"},
+                 {"train/loss": 0.25, "eval/fd": 138.0, "eval/fd_std": 0.5}),
     ]
     columns, rows = comparison_table(runs)
     assert columns == [
         "name", "run_id", "stage", "status", "param:lr", "param:x|y",
         "train/loss", "sys/cells_per_second", "eval/fd",
-    ]  # fmt: skip
-    assert rows[0] == ["vae-" + "a" * 32, "a" * 8, "vae", "FINISHED", "0.001", "-", "1.5", "12345.6", "-"]
+    ]  # fmt: skip  (only_b: one run has it; eval/fd_std: means only)
+    assert rows[0] == ["vae-" + "a" * 32, "a" * 8, "vae", "FINISHED", "0.001", "2", "1.5", "12345.6", "-"]
     assert rows[1][4:] == ["0.0001", "1", "0.25", "-", "138"]
 
     with write_table(columns, rows, tmp_path / "t.csv").open(newline="") as fh:
