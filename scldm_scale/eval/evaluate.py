@@ -43,6 +43,30 @@ class RealCells:
     def __len__(self) -> int:
         return len(self.library_size)
 
+    def keep(self, mask: np.ndarray) -> RealCells:
+        """The cells where `mask` (N,) is True."""
+        out, start = [], 0
+        for b in self.batches:
+            n = len(b["library_size"])
+            sel = torch.from_numpy(mask[start : start + n])
+            if sel.any():
+                out.append({k: v[sel] for k, v in b.items()})
+            start += n
+        return RealCells(out, self.labels[mask], self.library_size[mask])
+
+
+def known_labels(cells: RealCells, source: str) -> tuple[RealCells, int]:
+    """Only the cells whose every label value the model was trained on (a condition it never saw can be
+    neither generated nor given a floor); how many were left out, with a warning."""
+    known = (cells.labels > 0).all(1) if cells.labels.shape[1] else np.ones(len(cells), dtype=bool)
+    dropped = int((~known).sum())
+    if dropped == len(cells):
+        raise ValueError(f"none of the {len(cells)} cells of {source} has label values the model was trained on")
+    if dropped:
+        logger.warning("evaluation: %d of %d cells of %s have label values the model was not trained on and are "
+                       "left out", dropped, len(cells), source)
+    return (cells.keep(known) if dropped else cells), dropped
+
 
 def read_cells(model: Stage2Model, atlas_uri: str, value_filter: str | None, *, max_cells: int, seed: int,
                batch_size: int) -> RealCells:
@@ -242,6 +266,7 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
                       batch_size=batch_size)
     train = read_cells(model, atlas, train_filter, max_cells=protocol.max_cells, seed=seeds[0] + 1,
                        batch_size=batch_size)
+    real, dropped = known_labels(real, repr(protocol.eval_filter))
     logger.info("evaluation: %d cells of %r, %d training cells of %r", len(real), protocol.eval_filter,
                 len(train), train_filter)
     hvg_idx = P.choose_hvgs(dense_counts(model, train), protocol.num_hvg)
@@ -288,8 +313,9 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
         "knn_condition_acc_real": scorer.knn_on_real(),
         "reconstruction": recon,
         "classification": _classification(model, z_real, real, protocol, seeds[0]),
-        "protocol": _protocol_record(protocol, sampler, len(real), len(train), len(hvg_idx),
-                                     len(space.pca[1]), protocol.eval_filter, train_filter, model),
+        "protocol": {**_protocol_record(protocol, sampler, len(real), len(train), len(hvg_idx),
+                                        len(space.pca[1]), protocol.eval_filter, train_filter, model),
+                     "eval_cells_left_out_unknown_labels": dropped},
         "model": model.describe(),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -24,6 +24,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # The two small datasets of the demo atlas and a short vocabulary: launcher runs of a few seconds each.
 SMALL_DATA = [
     "data.value_filter=split == 'train' and dataset_id != 'brain10k'",
+    "data.val_value_filter=split == 'val' and dataset_id != 'brain10k'",
     "data.min_gene_cells=300",
     "data.seed=0",
     "train.enable_progress_bar=false",
