@@ -48,8 +48,11 @@ class VAEConfig:
     """Biases in attention and projection Linears (reference VAE: false)."""
     dropout: float = 0.0
     """Dropout on attention weights and residual branches."""
-    count_transform: CountTransform = "log1p"
-    """Token = gene embedding x transform(count); proj / projconcat / softbin add a learned count path."""
+    count_transform: CountTransform = "projconcat"
+    """How a gene token carries its count. projconcat (default, the paper's input): Linear([E[g], log1p c]);
+    proj / softbin add a learned count embedding. The scale-only log1p / log1pzero / sqrt / anscombe give
+    E[g] x f(c), as the authors' code does: the encoder's first LayerNorm removes that scale, so the latent
+    sees only which genes are detected, not their counts. Keep them for reproducing that code only."""
     shared_embedding: bool = True
     """Decoder queries reuse the encoder's gene embedding table (reference default)."""
     likelihood: Literal["nb", "gaussian"] = "nb"

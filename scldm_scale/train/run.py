@@ -164,11 +164,13 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
         dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
         n_params = num_parameters(dit)
         engine = _build_engine(cfg, dit, dist)
-        if cfg.flow.ema_update_every != 1:
-            logger.warning(
-                "flow.ema_update_every=%d is ignored: the EMA updates every step", cfg.flow.ema_update_every
-            )
-        ema = EMA(engine, decay=cfg.flow.ema_decay, warmup_steps=cfg.flow.ema_update_after_step)
+        ema = EMA(
+            engine,
+            decay=cfg.flow.ema_decay,
+            warmup_steps=cfg.flow.ema_update_after_step,
+            update_every=cfg.flow.ema_update_every,
+            ramp=cfg.flow.ema_decay_ramp,
+        )
         tracker = open_tracker(cfg, dist, tags=stage1.tags)
         log_run_start(
             tracker,

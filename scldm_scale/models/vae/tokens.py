@@ -1,5 +1,11 @@
-"""Gene-token input layer of the autoencoder: token = gene embedding x transform(count) (reference
-`InputTransformerVAE`), plus the alternative count paths. Raw counts, not library-normalised.
+"""Gene-token input layer of the autoencoder: how each expressed gene's token carries its count. Raw counts,
+not library-normalised.
+
+The default `projconcat` is the paper's input, a linear map of the gene embedding concatenated with the count;
+`proj` and `softbin` add a learned count embedding. The scale-only transforms (`SCALE_TRANSFORMS`, the authors'
+code: token = E[g] x f(c)) are kept for reproducing that code. Beware: the encoder's first LayerNorm gives
+LayerNorm(s e) = LayerNorm(e) for any s > 0, so with them the latent cannot see counts, only which genes are
+detected.
 
 Shape legend: B cells, T tokens, D width.
 """
@@ -41,7 +47,7 @@ class GeneTokenizer(nn.Module):
             softbin: E[g] + softmax(MLP(log1p c)) @ bins (10 learned bins).
     """
 
-    def __init__(self, num_genes: int, dim: int, transform: str = "log1p", num_bins: int = 10):
+    def __init__(self, num_genes: int, dim: int, transform: str = "projconcat", num_bins: int = 10):
         super().__init__()
         if transform not in SCALE_TRANSFORMS + LEARNED_TRANSFORMS:
             raise ValueError(f"model.count_transform must be one of {SCALE_TRANSFORMS + LEARNED_TRANSFORMS}")
