@@ -29,7 +29,7 @@ match `data.value_filter`):
    block rows), gathered once into a `PackedBatch` (numpy, unpadded) by the worker and padded by the consumer
    into the batch dict of DEVELOPERS.md (plus `is_padding`): tokens padded to the batch's longest cell, with a
    mask; `data.max_tokens_per_cell` subsamples longer cells by a hash of (seed, joinid, gene), so the choice
-   does not depend on the layout. Workers are threads of the training process by default (TileDB and numpy
+   does not depend on the layout, and sends the whole cells along as the decoder's target (`target_*`). Workers are threads of the training process by default (TileDB and numpy
    release the GIL; one budget bounds them); `data.worker_processes` runs them as DataLoader processes.
 
 Resume (`loader.py`): ranks yield batches in lockstep, so after k batches the cells consumed by every rank

@@ -39,6 +39,8 @@ class PackedBatch:
     soma_joinid: np.ndarray  # int64 (B,)
     truncated: np.ndarray  # bool (B,)
     is_padding: np.ndarray  # bool (B,)
+    target: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """With the token cap: every cell whole, (lengths, tokens, counts) packed as above (the decoder's target)."""
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -95,7 +97,8 @@ class RowBatch:
 def cap_tokens(batch: PackedBatch, max_tokens: int, cap_seed: int) -> PackedBatch:
     """Keep `max_tokens` genes of each longer cell, chosen by a hash of (seed, joinid, token); flag them.
 
-    The choice depends on the cell and the seed only, so it is the same whichever rank or worker reads it.
+    The choice depends on the cell and the seed only, so it is the same whichever rank or worker reads it. The
+    whole cells travel as `target`: the encoder sees the kept genes, the decoder is scored on every gene.
     """
     lengths = batch.lengths
     if len(lengths) == 0 or lengths.max() <= max_tokens:
@@ -118,4 +121,5 @@ def cap_tokens(batch: PackedBatch, max_tokens: int, cap_seed: int) -> PackedBatc
         soma_joinid=batch.soma_joinid,
         truncated=lengths > max_tokens,
         is_padding=batch.is_padding,
+        target=(lengths, batch.tokens, batch.counts),
     )

@@ -200,40 +200,29 @@ class TransformerVAE(nn.Module):
         return self.head.finalize(logits_BG, second_BG, library_size)
 
     def dense_targets(self, gene_ids: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scatter tokens into (B, G) counts on the batch's device; genes not in the tokens are zero.
-
-        For cells flagged `truncated` the genes not in the tokens are unknown, not zero: `loss` scores only
-        their kept genes (`observed_genes`).
-        """
+        """Scatter tokens into (B, G) counts on the batch's device; genes not in the tokens are zero."""
         B = gene_ids.shape[0]
         dense = counts.new_zeros(B, self.num_genes + 1, dtype=torch.float32)
         dense.scatter_(1, gene_ids * mask, (counts * mask).float())
         return dense[:, 1:]
 
-    def observed_genes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """(B, G) bool: the genes whose count is known: all of them for a whole cell, only the kept tokens of a
-        cell the loader `truncated` (its other genes were dropped by the token cap, zero or not). None when the
-        batch has no `truncated` flags. No host sync: the mask is built on the batch's device."""
-        truncated = batch.get("truncated")
-        if truncated is None:
-            return None
-        B = batch["gene_ids"].shape[0]
-        kept = torch.zeros(B, self.num_genes + 1, dtype=torch.bool, device=batch["gene_ids"].device)
-        kept.scatter_(1, batch["gene_ids"] * batch["mask"], batch["mask"])
-        return kept[:, 1:] | ~truncated.to(kept.device)[:, None]
+    def reconstruction_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, G) counts the decoder is scored on: every cell whole, also a cell the token cap subsampled for
+        the encoder (the loader then sends the whole cells as `target_*`; its unexpressed genes are known
+        zeros, scored like any cell's)."""
+        if "target_gene_ids" in batch:
+            return self.dense_targets(batch["target_gene_ids"], batch["target_counts"], batch["target_mask"])
+        return self.dense_targets(batch["gene_ids"], batch["counts"], batch["mask"])
 
     def reconstruction_nll(self, params: dict[str, torch.Tensor], x_BG: torch.Tensor,
-                           library_size_B: torch.Tensor, observed_BG: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-cell reconstruction loss (B,): NB negative log-likelihood, or the Gaussian head's sum of
-        squared errors on log1p-normalised counts (reference; sigma not used), over the observed genes
-        (all when `observed_BG` is None). Leaving a gene out is its marginal: genes are independent given z."""
+                           library_size_B: torch.Tensor) -> torch.Tensor:
+        """Per-cell reconstruction loss (B,) over every gene: NB negative log-likelihood, or the Gaussian head's
+        sum of squared errors on log1p-normalised counts (reference; sigma not used)."""
         if "mu" in params:
             per_gene = -nb_log_prob(x_BG, params["mu"], params["theta"])
         else:
             target_BG = normalized_log1p(x_BG, library_size_B, self.cfg.gaussian_target_sum)
             per_gene = (target_BG - params["mean"]).square()
-        if observed_BG is not None:
-            per_gene = per_gene * observed_BG
         return per_gene.sum(-1)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossOutput:
@@ -245,8 +234,8 @@ class TransformerVAE(nn.Module):
         posterior = self.encode(batch["gene_ids"], batch["counts"], batch["mask"])
         z_BML = posterior.sample(generator) if self.training else posterior.mean
         params = self.decode(z_BML, batch["library_size"])
-        x_BG = self.dense_targets(batch["gene_ids"], batch["counts"], batch["mask"])
-        nll = self.reconstruction_nll(params, x_BG, batch["library_size"], self.observed_genes(batch)).mean()
+        x_BG = self.reconstruction_target(batch)
+        nll = self.reconstruction_nll(params, x_BG, batch["library_size"]).mean()
         kl = posterior.kl().mean()
         loss = nll + (self.cfg.kl_weight * kl if self.cfg.posterior == "gaussian" else 0.0)
         terms = {"nll": nll.detach(), "kl": kl.detach(), "nll_per_gene": nll.detach() / self.num_genes}

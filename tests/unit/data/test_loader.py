@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import tiledbsoma
+import torch
 
 from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.data import GeneVocab, LabelVocab, build_gene_vocab, build_label_vocabs, build_loader
@@ -91,6 +92,9 @@ def test_token_cap_samples_genes_and_flags(small_atlas):
     assert (cap["truncated"] == (lengths > 6)).all() and cap["truncated"].any()
     assert cap["mask"].sum(1).max() == 6 and (cap["mask"].sum(1) == lengths.clamp(max=6)).all()
     assert (cap["library_size"] == full["library_size"]).all()  # library size is before the cap
+    # the whole cells come along as the decoder's target
+    assert torch.equal(cap["target_gene_ids"], full["gene_ids"]) and torch.equal(cap["target_mask"], full["mask"])
+    assert torch.equal(cap["target_counts"], full["counts"]) and "target_gene_ids" not in full
     for i in range(len(lengths)):  # kept genes are a subset of the cell's genes with their counts
         f = dict(zip(full["gene_ids"][i].tolist(), full["counts"][i].tolist()))
         for g, c in zip(

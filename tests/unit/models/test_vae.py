@@ -178,21 +178,27 @@ def test_overfit_real_cells_nll_drops():
     assert final < 0.5 * first, (first, final)
 
 
-def test_truncated_cells_score_only_their_kept_genes(vae):
-    """A truncated cell's genes outside its tokens are unknown (dropped by the cap): they are left out of its
-    reconstruction loss, while a whole cell's absent genes are zeros and scored."""
-    b = _batch()
-    b["truncated"] = torch.tensor([True, False, False])
+def test_a_truncated_cell_is_scored_on_the_whole_cell(vae):
+    """The token cap subsamples what the encoder sees; the decoder's target is the whole cell, every gene of
+    the vocabulary, its zeros included (they are known zeros: the cap only drops expressed genes)."""
+    full = _batch()
+    b = dict(full)
+    keep = full["mask"].clone()
+    keep[0, 5:] = False  # cell 0 truncated to its first 5 genes
+    b.update(gene_ids=full["gene_ids"] * keep, counts=full["counts"] * keep, mask=keep,
+             truncated=torch.tensor([True, False, False]), target_gene_ids=full["gene_ids"],
+             target_counts=full["counts"], target_mask=full["mask"])
     posterior = vae.encode(b["gene_ids"], b["counts"], b["mask"])
     params = vae.decode(posterior.mean, b["library_size"])
-    x = vae.dense_targets(b["gene_ids"], b["counts"], b["mask"])
-    per_gene = -nb_log_prob(x, params["mu"], params["theta"])
-    kept0 = torch.zeros(G, dtype=torch.bool)
-    kept0[b["gene_ids"][0][b["mask"][0]] - 1] = True
-    want = torch.stack([per_gene[0][kept0].sum(), per_gene[1].sum(), per_gene[2].sum()]).mean()
+    x = torch.zeros(3, G)  # hand-built whole cells
+    for i in range(3):
+        for g, c in zip(full["gene_ids"][i][full["mask"][i]].tolist(), full["counts"][i][full["mask"][i]].tolist()):
+            x[i, g - 1] = c
+    want = (-nb_log_prob(x, params["mu"], params["theta"])).sum(-1).mean()
     torch.testing.assert_close(vae.loss(b).terms["nll"], want)
-    b["truncated"][:] = False  # the same batch without the flag scores every gene of every cell
-    torch.testing.assert_close(vae.loss(b).terms["nll"], per_gene.sum(-1).mean())
+    # without the whole cells the target would be the kept tokens only, a different (wrong) loss
+    del b["target_gene_ids"], b["target_counts"], b["target_mask"]
+    assert not torch.isclose(vae.loss(b).terms["nll"], want)
 
 
 @pytest.mark.parametrize("transform", ["projconcat", "proj", "softbin", "log1p"])
