@@ -132,6 +132,28 @@ def expand_conditions(conditions: Sequence[Condition], num_columns: int) -> torc
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), num_columns)
 
 
+def check_partial_rows(labels_NK: np.ndarray, label_columns: list[str], seen_rows: set[tuple[int, ...]],
+                       trained_joint: bool, strategy: str) -> None:
+    """Joint guidance conditions on the whole label row. A model trained with joint dropout saw only whole
+    rows and the all-null row, so a partly free row is outside what it learnt unless such rows occur in the
+    training data (`seen_rows`). Such requests are refused, naming the row and the fixes.
+
+    Raises:
+        ValueError: for the first partly free row the model has not seen.
+    """
+    if strategy != "joint" or not trained_joint or labels_NK.shape[1] < 2:
+        return
+    for row in np.unique(labels_NK, axis=0):
+        free = row == 0
+        if free.any() and not free.all() and tuple(int(v) for v in row) not in seen_rows:
+            named = [c for c, f in zip(label_columns, free) if f]
+            raise ValueError(
+                f"condition {dict(zip(label_columns, row.tolist()))} leaves {named} free: with joint guidance this "
+                "model (trained with joint dropout) has seen only whole label rows and the all-null row; give every "
+                "label column, or sample with sampling.guidance=additive"
+            )
+
+
 def decode_labels(labels_NK: np.ndarray, label_vocabs: dict[str, LabelVocab]) -> dict[str, list[str | None]]:
     """Label ids back to values per column (None for 0 = free / unknown)."""
     out = {}

@@ -34,6 +34,7 @@ from scldm_scale.eval import plots
 from scldm_scale.eval.evaluate import evaluate
 from scldm_scale.eval.generation import (
     Condition,
+    check_partial_rows,
     decode_labels,
     expand_conditions,
     generate_cells,
@@ -138,6 +139,8 @@ def run_generate(cfg: GenerateConfig) -> Path | None:
         try:
             labels, how = plan_labels(cfg, model)
             kwargs = _sampling_kwargs(cfg, model)
+            check_partial_rows(labels, model.label_columns, set(model.library_size_stats.groups),
+                               model.cfg.model.guidance == "joint", kwargs["strategy"])
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         mine = _batches(len(labels), cfg.model.batch_size)[dist.rank :: dist.world_size]

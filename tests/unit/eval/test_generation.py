@@ -137,3 +137,16 @@ def test_sampling_uses_ema_and_latent_stats():
                        latent_stats=stats, **kw)
     torch.testing.assert_close(c, a * 2.0 + 1.0)
     assert LatentStats.from_dict(LatentStats.fit(torch.randn(100, 3, 4) * 3 + 1).to_dict()).scale > 2.5
+
+
+def test_joint_guidance_refuses_partly_free_rows_a_joint_model_never_saw():
+    from scldm_scale.eval.generation import check_partial_rows
+
+    cols = ["dataset_id", "cell_type"]
+    rows = np.array([[1, 2], [0, 0], [1, 0]])
+    with pytest.raises(ValueError, match=r"leaves \['cell_type'\] free.*sampling.guidance=additive"):
+        check_partial_rows(rows, cols, {(1, 2)}, trained_joint=True, strategy="joint")
+    check_partial_rows(rows, cols, {(1, 2), (1, 0)}, trained_joint=True, strategy="joint")  # seen in training
+    check_partial_rows(rows, cols, set(), trained_joint=False, strategy="joint")  # per-column dropout saw them
+    check_partial_rows(rows, cols, set(), trained_joint=True, strategy="additive")
+    check_partial_rows(rows[:2], cols, set(), trained_joint=True, strategy="joint")  # whole and all-null rows
