@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from scldm_scale.config import LDMExperimentConfig, VAEExperimentConfig, load_config
-from scldm_scale.eval import LibrarySizeStats, generate
+from scldm_scale.data import LibrarySizeStats
+from scldm_scale.eval import generate
 from scldm_scale.flow import flow_matching_loss
 from scldm_scale.models import build_dit, build_vae, num_parameters
 
@@ -104,7 +105,7 @@ def bench_sampling(dit, vae, batch, cells: int) -> float:
     labels = batch["labels"][:cells]
     start = time.perf_counter()
     out = generate(dit, vae, labels, library_size_stats=stats, sampler="heun", num_steps=50,
-                   guidance_weights=[2.0], generator=torch.Generator().manual_seed(0))
+                   guidance_weights=[2.0], seed=0)
     assert out["counts"].shape == (cells, NUM_GENES)
     return cells / (time.perf_counter() - start)
 
