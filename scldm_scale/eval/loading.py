@@ -19,10 +19,13 @@ import torch
 from torch import nn
 
 from scldm_scale.checkpoint import EMA, MODEL, load_model_weights, resolve_checkpoint
-from scldm_scale.config import LDMExperimentConfig, VAEExperimentConfig, load_config
+from scldm_scale.config import ConfigError, LDMExperimentConfig, VAEExperimentConfig, load_config
+from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.data.stats import LibrarySizeStats
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
+from scldm_scale.distributed import DistInfo, broadcast_object
 from scldm_scale.models import DiT, LatentStats, TransformerVAE, build_dit, build_vae
+from scldm_scale.tracking import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +108,31 @@ def config_from_yaml(root: type, text: str, source: str):
             raise ValueError(f"{source}: the stored config does not load with this version: {exc}") from None
 
 
-def load_autoencoder(location: str | Path, device: torch.device | str = "cpu") -> tuple[TransformerVAE, GeneVocab, Path]:
-    """The frozen stage-1 autoencoder of a stage-1 run_dir or checkpoint, its gene vocabulary and checkpoint."""
+def checkpoint_of_run(tracking: TrackingConfig, run_id: str, dist: DistInfo, key: str) -> str:
+    """The checkpoint (or run_dir) an MLflow run's tags name; looked up on rank 0 and broadcast, so every rank
+    gets the answer or the same `ConfigError` naming `key`."""
+    found: tuple[str | None, str] = (None, "")
+    if dist.rank == 0:
+        try:
+            tags = get_run_tags(tracking, run_id)
+            path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)
+            found = (path, "" if path else f"{key}={run_id!r}: the run has no {CHECKPOINT_TAG} or {RUN_DIR_TAG} tag")
+        except ValueError as exc:
+            found = (None, f"{key}={run_id!r}: {exc}")
+    path, error = broadcast_object(found)
+    if path is None:
+        raise ConfigError(error)
+    return path
+
+
+def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
+                     ) -> tuple[TransformerVAE, GeneVocab, Path, dict[str, Any]]:
+    """The frozen stage-1 autoencoder of a stage-1 run_dir or checkpoint: the model on `device`, its gene
+    vocabulary, the checkpoint directory and its meta.json (the manifest under "manifest").
+
+    Raises:
+        ValueError: when the checkpoint is not a stage-1 autoencoder's.
+    """
     ckpt = resolve_checkpoint(location)
     state, meta = load_model_weights(ckpt)
     manifest = meta.get("manifest", {})
@@ -116,7 +142,7 @@ def load_autoencoder(location: str | Path, device: torch.device | str = "cpu") -
     vocab = GeneVocab.from_json(manifest["gene_vocab"])
     vae = build_vae(vae_cfg.model, vocab.num_genes)
     vae.load_state_dict(state)
-    return vae.requires_grad_(False).eval().to(device), vocab, ckpt
+    return vae.requires_grad_(False).eval().to(device), vocab, ckpt, meta
 
 
 def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", weights: str = "ema") -> Stage2Model:
@@ -145,7 +171,7 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
     stage1_path = manifest.get("stage1_checkpoint")
     if not stage1_path or not Path(stage1_path).exists():
         raise ValueError(f"{ckpt}: its stage-1 checkpoint {stage1_path!r} is missing; the stage-2 model needs it to decode")
-    vae, gene_vocab, stage1_ckpt = load_autoencoder(stage1_path, device)
+    vae, gene_vocab, stage1_ckpt, _ = load_autoencoder(stage1_path, device)
     label_vocabs = _label_vocabs(manifest, cfg)
     dit = build_dit(cfg.model, vae.latent_shape, [v.num_classes - 1 for v in label_vocabs.values()])
     _load_weights(dit, state, f"{ckpt} (model)")

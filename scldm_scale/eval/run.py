@@ -25,7 +25,6 @@ from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.data.obs import read_label_ids
 from scldm_scale.distributed import (
     DistInfo,
-    broadcast_object,
     destroy_distributed,
     gather_object,
     init_distributed,
@@ -40,9 +39,9 @@ from scldm_scale.eval.generation import (
     generate_cells,
     parse_conditions_all,
 )
-from scldm_scale.eval.loading import Stage2Model, load_stage2
+from scldm_scale.eval.loading import Stage2Model, checkpoint_of_run, load_stage2
 from scldm_scale.eval.report import flat_metrics
-from scldm_scale.tracking import CHECKPOINT_TAG, RUN_DIR_TAG, build_logger, default_run_name, get_run_tags
+from scldm_scale.tracking import build_logger, default_run_name
 from scldm_scale.utils import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -55,21 +54,10 @@ EVALUATED_CHECKPOINT_TAG = "scldm.evaluated_checkpoint"
 
 def resolve_model(source: ModelSourceConfig, tracking: TrackingConfig, dist: DistInfo) -> str:
     """The stage-2 run_dir / checkpoint to load: `model.checkpoint`, the MLflow run's checkpoint tag, or the
-    demo's run_dir. The MLflow look-up runs on rank 0 and is broadcast."""
+    demo's run_dir."""
     if source.mlflow_run_id is None:
         return source.checkpoint or DEFAULT_STAGE2_RUN_DIR
-    found: tuple[str | None, str] = (None, "")
-    if dist.rank == 0:
-        try:
-            tags = get_run_tags(tracking, source.mlflow_run_id)
-            path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)
-            found = (path, "" if path else f"model.mlflow_run_id={source.mlflow_run_id!r}: the run has no checkpoint tag")
-        except ValueError as exc:
-            found = (None, str(exc))
-    path, error = broadcast_object(found)
-    if path is None:
-        raise ConfigError(error)
-    return path
+    return checkpoint_of_run(tracking, source.mlflow_run_id, dist, "model.mlflow_run_id")
 
 
 def _load(source: ModelSourceConfig, tracking: TrackingConfig, dist: DistInfo, weights: str | None = None):

@@ -10,29 +10,24 @@ import dataclasses
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from scldm_scale.checkpoint.export import load_model_weights
-from scldm_scale.checkpoint.layout import resolve_checkpoint
 from scldm_scale.config import (
     ConfigError,
     LDMExperimentConfig,
     SomaDataConfig,
-    VAEExperimentConfig,
-    load_config,
 )
 from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
 from scldm_scale.data.loader import build_gene_vocab, build_loader
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
-from scldm_scale.models import LatentStats, build_vae
+from scldm_scale.eval.loading import checkpoint_of_run, load_autoencoder
+from scldm_scale.models import LatentStats
 from scldm_scale.models.vae import TransformerVAE
-from scldm_scale.tracking import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
 from scldm_scale.train import latent_cache
 from scldm_scale.train.ldm_step import encode_latents
 
@@ -71,46 +66,22 @@ def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str
     run_id = cfg.stage1.mlflow_run_id
     if run_id is None:
         return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None
-    found: tuple[str | None, str] = (None, "")
-    if dist.rank == 0:
-        try:
-            tags = get_run_tags(cfg.tracking, run_id)
-            path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)
-            found = (
-                path,
-                "" if path else f"stage1.mlflow_run_id={run_id!r}: the run has no {RUN_DIR_TAG} tag",
-            )
-        except ValueError as exc:
-            found = (None, str(exc))
-    path, error = broadcast_object(found)
-    if path is None:
-        raise ValueError(error)
-    return path, run_id
+    return checkpoint_of_run(cfg.tracking, run_id, dist, "stage1.mlflow_run_id"), run_id
 
 
 def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
     """Load the stage-1 autoencoder (any engine, any world size), freeze it, move it to this rank's device.
 
     Raises:
-        ValueError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found.
+        ConfigError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found.
     """
     location, run_id = _stage1_location(cfg, dist)
     key = "stage1.mlflow_run_id" if cfg.stage1.mlflow_run_id else "stage1.checkpoint"
     try:
-        ckpt = resolve_checkpoint(location)
+        vae, gene_vocab, ckpt, meta = load_autoencoder(location, dist.device)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"{key}: no stage-1 checkpoint at {location!r} ({exc})") from exc
-    state, meta = load_model_weights(ckpt)
-    manifest = meta.get("manifest", {})
-    if "gene_vocab" not in manifest or "config_yaml" not in manifest:
-        raise ValueError(f"{key}: {ckpt} is not a stage-1 autoencoder checkpoint (no gene_vocab/config_yaml)")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "stage1.yaml").write_text(manifest["config_yaml"])
-        vae_cfg = load_config(VAEExperimentConfig, [Path(tmp) / "stage1.yaml"])
-    gene_vocab = GeneVocab.from_json(manifest["gene_vocab"])
-    vae = build_vae(vae_cfg.model, gene_vocab.num_genes)
-    vae.load_state_dict(state)
-    vae.requires_grad_(False).eval().to(dist.device)
+    manifest = meta["manifest"]
     run_id = run_id or manifest.get("mlflow_run_id")
     logger.info(
         "stage 1: %s (step %s, %d genes, run %s), frozen",
