@@ -117,16 +117,7 @@ class Sampler:
         self.hvg_idx = torch.as_tensor(hvg_idx)
         self.device = device
         self.progress = progress
-        flow = model.cfg.flow
-        self.kwargs = {
-            "sampler": sampling.sampler or flow.sampler,
-            "num_steps": sampling.num_steps or flow.num_steps,
-            "guidance_weights": sampling.guidance_weights or flow.guidance_weights or None,
-            "strategy": sampling.guidance or model.cfg.model.guidance,
-            "atol": flow.atol,
-            "rtol": flow.rtol,
-            "latent_stats": model.latent_stats,
-        }
+        self.kwargs = model.sampling_kwargs(sampling)
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.kwargs.items() if k != "latent_stats"}

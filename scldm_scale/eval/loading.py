@@ -20,6 +20,7 @@ from torch import nn
 
 from scldm_scale.checkpoint import EMA, MODEL, load_model_weights, resolve_checkpoint
 from scldm_scale.config import ConfigError, LDMExperimentConfig, VAEExperimentConfig, load_config
+from scldm_scale.config.eval import SamplingConfig
 from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.data.stats import LibrarySizeStats
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
@@ -64,6 +65,21 @@ class Stage2Model:
     @property
     def atlas_uri(self) -> str:
         return str(self.manifest.get("atlas_uri") or self.cfg.data.atlas_uri)
+
+    def sampling_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """Keyword arguments of `generate_cells`: the settings given, the model's training values elsewhere.
+
+        Raises:
+            ValueError: when the guidance weights do not match the label columns.
+        """
+        flow = self.cfg.flow
+        weights = sampling.guidance_weights or flow.guidance_weights or None
+        if weights is not None and len(weights) != len(self.label_columns):
+            raise ValueError(f"sampling.guidance_weights needs one weight per label column {self.label_columns}, "
+                             f"got {weights}")
+        return {"sampler": sampling.sampler or flow.sampler, "num_steps": sampling.num_steps or flow.num_steps,
+                "guidance_weights": weights, "strategy": sampling.guidance or self.cfg.model.guidance,
+                "atol": flow.atol, "rtol": flow.rtol, "latent_stats": self.latent_stats}
 
     def describe(self) -> dict[str, Any]:
         """JSON-able provenance (for h5ad `uns`, reports and MLflow params)."""

@@ -105,17 +105,6 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _sampling_kwargs(cfg, model: Stage2Model) -> dict[str, Any]:
-    flow, s = model.cfg.flow, cfg.sampling
-    weights = s.guidance_weights or flow.guidance_weights or None
-    if weights is not None and len(weights) != len(model.label_columns):
-        raise ValueError(f"sampling.guidance_weights needs one weight per label column {model.label_columns}, "
-                         f"got {weights}")
-    return {"sampler": s.sampler or flow.sampler, "num_steps": s.num_steps or flow.num_steps,
-            "guidance_weights": weights, "strategy": s.guidance or model.cfg.model.guidance,
-            "atol": flow.atol, "rtol": flow.rtol, "latent_stats": model.latent_stats}
-
-
 def run_generate(cfg: GenerateConfig) -> Path | None:
     """Generate cells and write one .h5ad (and optionally append them to a SOMA atlas); returns the path on
     rank 0."""
@@ -126,7 +115,7 @@ def run_generate(cfg: GenerateConfig) -> Path | None:
         model = _load(cfg.model, cfg.tracking, dist)
         try:
             labels, how = plan_labels(cfg, model)
-            kwargs = _sampling_kwargs(cfg, model)
+            kwargs = model.sampling_kwargs(cfg.sampling)
             check_partial_rows(labels, model.label_columns, set(model.library_size_stats.groups),
                                model.cfg.model.guidance == "joint", kwargs["strategy"])
         except ValueError as exc:
@@ -238,6 +227,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
     dist = init_distributed(cfg.model.device)
     try:
         model = _load(cfg.model, cfg.tracking, dist)
+        try:
+            model.sampling_kwargs(cfg.sampling)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if dist.rank != 0:
             return None
         other = None
