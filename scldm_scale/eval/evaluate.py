@@ -276,7 +276,7 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
         other = Sampler(extra_weights, sampling, batch_size=batch_size, hvg_idx=hvg_idx, device=device,
                         progress=progress)
         samples[f"scldm_{extra_weights.weights}"] = [other.scldm(real.labels, real_cond, s) for s in seeds]
-    recon, z_real = _ceiling_and_reconstruction(model, sampler, real, real_cond, seeds, samples, hvg_idx)
+    recon, z_real = _ceiling_and_reconstruction(model, sampler, real, real_set, seeds, samples, hvg_idx)
     if protocol.baselines:
         _gaussian_baseline(sampler, train, real, real_cond, seeds, samples)
         for s in seeds:
@@ -317,7 +317,7 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
     return result, plot_data
 
 
-def _ceiling_and_reconstruction(model: Stage2Model, sampler: Sampler, real: RealCells, real_cond: np.ndarray,
+def _ceiling_and_reconstruction(model: Stage2Model, sampler: Sampler, real: RealCells, real_set: P.CellSet,
                                 seeds: list[int], samples: dict, hvg_idx: np.ndarray):
     """The stage-1 ceiling's samples (decoded once, drawn per seed) and the reconstruction scores."""
     z = sampler.encode(real)
@@ -338,10 +338,9 @@ def _ceiling_and_reconstruction(model: Stage2Model, sampler: Sampler, real: Real
         mu_tot.append(mean.sum(1).double().numpy())
         start += n
     if "stage1_ceiling" in samples:
-        samples["stage1_ceiling"] = [P.CellSet(np.concatenate(h), np.concatenate(t), real_cond) for h, t in per_seed]
-    real_hvg = np.concatenate([model.vae.dense_targets(b["gene_ids"], b["counts"], b["mask"])[:, hvg_idx].numpy()
-                               for b in real.batches])
-    recon = M.reconstruction_scores(real_hvg, np.concatenate(mu_hvg), real_totals=real.library_size,
+        samples["stage1_ceiling"] = [P.CellSet(np.concatenate(h), np.concatenate(t), real_set.conditions)
+                                      for h, t in per_seed]
+    recon = M.reconstruction_scores(real_set.hvg, np.concatenate(mu_hvg), real_totals=real.library_size,
                                     mu_totals=np.concatenate(mu_tot))
     recon = {"nll": float(np.concatenate(nll).mean()), **{k: recon[k] for k in ("pearson_gene", "pearson_cell", "mse")},
              "n_cells": len(real), "genes": "HVGs, normalised by each cell's total over all genes",

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,18 @@ def label_mix(rows: np.ndarray, n: int) -> list[Condition]:
     return [Condition(tuple(int(v) for v in row), int(c)) for row, c in zip(uniq, alloc) if c > 0]
 
 
+@contextmanager
+def _model_job(source: ModelSourceConfig, tracking: TrackingConfig) -> Iterator[tuple[DistInfo, Stage2Model]]:
+    """Logging, the process group and the model on every rank; the group is torn down at the end."""
+    setup_logging()
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist = init_distributed(source.device)
+    try:
+        yield dist, _load(source, tracking, dist)
+    finally:
+        destroy_distributed()
+
+
 def _batches(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -108,11 +123,7 @@ def _batches(n: int, size: int) -> list[range]:
 def run_generate(cfg: GenerateConfig) -> Path | None:
     """Generate cells and write one .h5ad (and optionally append them to a SOMA atlas); returns the path on
     rank 0."""
-    setup_logging()
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist = init_distributed(cfg.model.device)
-    try:
-        model = _load(cfg.model, cfg.tracking, dist)
+    with _model_job(cfg.model, cfg.tracking) as (dist, model):
         try:
             labels, how = plan_labels(cfg, model)
             kwargs = model.sampling_kwargs(cfg.sampling)
@@ -136,8 +147,6 @@ def run_generate(cfg: GenerateConfig) -> Path | None:
         if cfg.soma_uri:
             append_to_atlas(cfg, model, path)
         return path
-    finally:
-        destroy_distributed()
 
 
 def _sparse(counts: torch.Tensor):
@@ -222,11 +231,7 @@ def write_report(result: dict[str, Any], plot_data: dict[str, Any], out_dir: Pat
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
     """Score a trained scLDM (docs/evaluation.md); the result JSON on rank 0."""
-    setup_logging()
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist = init_distributed(cfg.model.device)
-    try:
-        model = _load(cfg.model, cfg.tracking, dist)
+    with _model_job(cfg.model, cfg.tracking) as (dist, model):
         try:
             model.sampling_kwargs(cfg.sampling)
         except ValueError as exc:
@@ -242,13 +247,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
         files = write_report(result, plot_data, out_dir, umap=cfg.umap)
         if cfg.json:
             Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.json).write_text(json.dumps(result, indent=1, default=float))
+            shutil.copyfile(files[0], cfg.json)  # the report's evaluation.json
         result["report_dir"] = str(out_dir)
         result["mlflow_run_id"] = _track(cfg, model, result, files)
         logger.info("evaluation written to %s (%.0f s)", out_dir, result["seconds"])
         return result
-    finally:
-        destroy_distributed()
 
 
 def _track(cfg: EvaluateConfig, model: Stage2Model, result: dict[str, Any], files: list[Path]) -> str | None:
