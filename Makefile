@@ -1,6 +1,6 @@
 # The two quickstart targets (README.md). `.ci/run` calls `make test`.
 PYTHON ?= python
-INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev]"
+INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev,bench]"
 
 # Joint guidance at weight 1 is the plain conditional model: one DiT pass per ODE step instead of additive
 # guidance's three. Measured on the demo model: evaluate.py takes 120 s instead of 206 s, and FD is 51.6

@@ -3,6 +3,7 @@
     python launchers/evaluate.py --json runs/eval.json                     # runs/ldm-demo against split test
     python launchers/evaluate.py model.checkpoint=runs/ldm-x protocol.split=val protocol.seeds=[0,1,2,3,4]
     python launchers/evaluate.py model.mlflow_run_id=<stage-2 run> compare_weights=true
+    python launchers/evaluate.py model.checkpoint=runs/vae-demo    # a stage-1 run: ceiling, reconstruction, baselines
 
 Generation (per condition, 3 seeds) beside the real floor, a Gaussian-latent baseline and the stage-1
 ceiling; reconstruction; embedding classifiers. JSON, PNGs in the report folder and an MLflow run of its own.

@@ -32,7 +32,12 @@ class SomaDataConfig:
     """obs columns turned into integer label ids (0 is reserved for unknown / null); None = auto: dataset_id
     and cell_type, those the atlas has (resolved when the loader opens it). A listed column must exist."""
     min_gene_cells: int = 0
-    """Keep only genes whose var `n_cells` (cells with a non-zero count) is at least this; 0 keeps all."""
+    """Keep only genes seen (non-zero count) in at least this many cells; 0 keeps all."""
+    min_gene_cells_scope: Literal["atlas", "train"] = "atlas"
+    """Where `min_gene_cells` counts: "atlas" reads var `n_cells` (free; written at ingestion, counts every
+    cell); "train" counts over the training cells (`value_filter`) in one pass over their X at start-up, which
+    drops the genes of the atlas's other datasets (a subset run decodes only its own genes; minutes on a large
+    atlas)."""
     micro_batch_size: int = 64
     """Cells per micro-batch per rank."""
     max_tokens_per_cell: int | None = None
@@ -70,6 +75,8 @@ class SomaDataConfig:
             raise ValueError(f"data.max_tokens_per_cell must be >= 1 or null, got {self.max_tokens_per_cell}")
         if self.min_gene_cells < 0:
             raise ValueError(f"data.min_gene_cells must be >= 0, got {self.min_gene_cells}")
+        if self.min_gene_cells_scope not in ("atlas", "train"):
+            raise ValueError(f"data.min_gene_cells_scope must be 'atlas' or 'train', got {self.min_gene_cells_scope!r}")
         if self.shuffle_chunk_cells < 1:
             raise ValueError(f"data.shuffle_chunk_cells must be >= 1, got {self.shuffle_chunk_cells}")
         if self.shuffle_buffer_cells < self.shuffle_chunk_cells:

@@ -144,16 +144,42 @@ def _read_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig):
     return var.read(column_names=cols).concat().to_pandas()
 
 
-def build_gene_vocab(cfg: SomaDataConfig, *, atlas_uri: str | None = None) -> GeneVocab:
-    """Gene vocabulary of the atlas var (var order), keeping genes with `n_cells >= data.min_gene_cells`."""
-    with open_experiment(cfg, atlas_uri) as exp:
-        var = _read_var(exp, cfg)
+def _training_n_cells(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var_joinids: np.ndarray) -> np.ndarray:
+    """Cells with a non-zero count, per var row, among the training cells (`data.value_filter`)."""
+    obs = exp.obs.read(value_filter=cfg.value_filter, column_names=["soma_joinid"]).concat()
+    cells = np.sort(obs.column("soma_joinid").to_numpy())
+    if not len(cells):
+        raise ValueError(f"data.min_gene_cells_scope='train': no cell matches data.value_filter={cfg.value_filter!r}")
+    counts = np.zeros(int(var_joinids.max()) + 1, np.int64)
+    X = exp.ms[cfg.measurement_name].X[cfg.layer_name]
+    for start in range(0, len(cells), _N_CELLS_READ):
+        for tbl in X.read((cells[start : start + _N_CELLS_READ],)).tables():
+            counts += np.bincount(tbl["soma_dim_1"].to_numpy(), minlength=len(counts))[: len(counts)]
+    return counts[var_joinids]
+
+
+_N_CELLS_READ = 100_000
+"""Cells per X read when counting genes over the training cells."""
+
+
+def _vocab_from_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var) -> GeneVocab:
+    if cfg.min_gene_cells > 0 and cfg.min_gene_cells_scope == "train":
+        n_cells = _training_n_cells(exp, cfg, var["soma_joinid"].to_numpy())
+    else:
+        n_cells = var["n_cells"].to_numpy() if "n_cells" in var else None
     return GeneVocab.from_var(
         var["feature_id"].tolist(),
         feature_names=var["feature_name"].tolist() if "feature_name" in var else None,
-        n_cells=var["n_cells"].to_numpy() if "n_cells" in var else None,
+        n_cells=n_cells,
         min_gene_cells=cfg.min_gene_cells,
     )
+
+
+def build_gene_vocab(cfg: SomaDataConfig, *, atlas_uri: str | None = None) -> GeneVocab:
+    """Gene vocabulary of the atlas var (var order), keeping genes seen in `data.min_gene_cells` cells (counted
+    over the atlas or the training cells: `data.min_gene_cells_scope`)."""
+    with open_experiment(cfg, atlas_uri) as exp:
+        return _vocab_from_var(exp, cfg, _read_var(exp, cfg))
 
 
 def build_label_vocabs(
@@ -416,12 +442,7 @@ def build_loader(
                 raise ConfigError("; ".join(problems))
         var = _read_var(exp, cfg)
         if gene_vocab is None:
-            gene_vocab = GeneVocab.from_var(
-                var["feature_id"].tolist(),
-                feature_names=var["feature_name"].tolist() if "feature_name" in var else None,
-                n_cells=var["n_cells"].to_numpy() if "n_cells" in var else None,
-                min_gene_cells=cfg.min_gene_cells,
-            )
+            gene_vocab = _vocab_from_var(exp, cfg, var)
         var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
         if not (var_to_token > 0).any():
             raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")

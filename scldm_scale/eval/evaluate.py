@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,12 @@ from scldm_scale.eval.generation import cell_noise, cell_seed, generate_cells, s
 from scldm_scale.eval.loading import Stage2Model
 
 logger = logging.getLogger(__name__)
+
+ExternalSource = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+"""Another model's cells, scored like scLDM's: called with the evaluation cells' label ids (N, K) (the model's
+label vocabularies, 0 = null), the library sizes scLDM draws for them (N,) and a seed; returns raw counts
+(N, G) over the model's gene vocabulary, in its order."""
+
 
 SOURCES = ("scldm", "gaussian_baseline", "stage1_ceiling", "real_floor")
 """Every generated or reference set scored, in report order."""
@@ -143,6 +150,18 @@ class Sampler:
             totals.append(t)
         return P.CellSet(np.concatenate(hvg), np.concatenate(totals), conditions)
 
+    def external(self, name: str, source: ExternalSource, labels_NK: np.ndarray, conditions: np.ndarray,
+                 seed: int) -> P.CellSet:
+        """Another model's cells for these labels, with scLDM's library sizes of this seed."""
+        lib = self.library_sizes(labels_NK, range(len(labels_NK)), seed)
+        counts = torch.as_tensor(np.asarray(source(labels_NK, lib.numpy(), seed)))
+        want = (len(labels_NK), self.model.gene_vocab.num_genes)
+        if tuple(counts.shape) != want:
+            raise ValueError(f"external source {name!r} returned counts of shape {tuple(counts.shape)}, expected {want} "
+                             "(evaluation cells x the model's gene vocabulary)")
+        h, t = self._reduce(counts.float())
+        return P.CellSet(h, t, conditions)
+
     @torch.no_grad()
     def decode_and_sample(self, z: torch.Tensor, library_size: torch.Tensor, indices: range,
                           seeds: list[int]) -> tuple[dict[str, torch.Tensor], list[tuple[np.ndarray, np.ndarray]]]:
@@ -166,7 +185,7 @@ class Sampler:
 
     def library_sizes(self, labels_NK: np.ndarray, indices: range, seed: int) -> torch.Tensor:
         """The library sizes scLDM draws for these cells (same draws, so the baseline is compared fairly)."""
-        _, _, eps = cell_noise(seed, indices, (self.model.dit.num_tokens, self.model.dit.latent_dim))
+        _, _, eps = cell_noise(seed, indices, tuple(self.model.vae.latent_shape))
         rows = labels_NK[indices.start : indices.stop] if labels_NK.shape[1] else None
         return self.model.library_size_stats.sample(rows, eps.numpy())
 
@@ -242,8 +261,12 @@ def _protocol_record(cfg: ProtocolConfig, sampler: Sampler, n_eval: int, n_train
 
 def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingConfig, *, atlas_uri: str | None = None,
              batch_size: int = 256, device: torch.device | str = "cpu", extra_weights: Stage2Model | None = None,
+             external: dict[str, ExternalSource] | None = None,
              progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the whole protocol.
+
+    `external` adds other models (e.g. scVI in benchmarks/quality_bench.py), scored on the same cells, seeds and
+    library sizes as scLDM, under their own names.
 
     Returns:
         (result JSON, plot data: PCs and condition names of the real cells and of seed 0's samples).
@@ -271,11 +294,16 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
     sampler = Sampler(model, sampling, batch_size=batch_size, hvg_idx=hvg_idx, device=device, progress=progress)
 
     samples: dict[str, list[P.CellSet]] = {s: [] for s in SOURCES}
-    samples["scldm"] = [sampler.scldm(real.labels, real_cond, s) for s in seeds]
+    if model.dit is None:  # a stage-1 checkpoint: the autoencoder's ceiling, reconstruction and baselines
+        samples.pop("scldm")
+    else:
+        samples["scldm"] = [sampler.scldm(real.labels, real_cond, s) for s in seeds]
     if extra_weights is not None:
         other = Sampler(extra_weights, sampling, batch_size=batch_size, hvg_idx=hvg_idx, device=device,
                         progress=progress)
         samples[f"scldm_{extra_weights.weights}"] = [other.scldm(real.labels, real_cond, s) for s in seeds]
+    for name, source in (external or {}).items():
+        samples[name] = [sampler.external(name, source, real.labels, real_cond, s) for s in seeds]
     recon, z_real = _ceiling_and_reconstruction(model, sampler, real, real_set, seeds, samples, hvg_idx)
     if protocol.baselines:
         _gaussian_baseline(sampler, train, real, real_cond, seeds, samples)
@@ -285,8 +313,9 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
         for key in ("gaussian_baseline", "stage1_ceiling", "real_floor"):
             samples.pop(key)
     # One wrong-condition mapping for every seed, so the seeds average the same conditions.
-    samples["scldm_shuffled_labels"] = [c.relabel(P.derange(c.conditions, np.random.default_rng(seeds[0])))
-                                        for c in samples["scldm"]]
+    if "scldm" in samples:
+        samples["scldm_shuffled_labels"] = [c.relabel(P.derange(c.conditions, np.random.default_rng(seeds[0])))
+                                            for c in samples["scldm"]]
     logger.info("evaluation: samples drawn in %.0f s; scoring", time.perf_counter() - t0)
 
     generation = {}
@@ -313,7 +342,7 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
     result["summary"] = summary(result)
     plot_data = {"real": (scorer.real_pc, real_cond),
                  **{k: (space.pcs(v[0]), v[0].conditions) for k, v in samples.items()
-                    if k in ("scldm", "gaussian_baseline")}}
+                    if k in ("scldm", "gaussian_baseline", *(external or {}))}}
     return result, plot_data
 
 

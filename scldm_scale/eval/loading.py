@@ -35,12 +35,13 @@ logger = logging.getLogger(__name__)
 class Stage2Model:
     """A trained scLDM ready to sample: the DiT (EMA or raw weights), the frozen autoencoder and the manifest."""
 
-    dit: DiT
-    """Velocity network in eval mode (EMA weights when `weights == "ema"`)."""
+    dit: DiT | None
+    """Velocity network in eval mode (EMA weights when `weights == "ema"`); None for a stage-1 checkpoint loaded
+    for evaluation (the autoencoder's ceiling, reconstruction and baselines, no generation)."""
     vae: TransformerVAE
     """Frozen stage-1 autoencoder in eval mode."""
-    cfg: LDMExperimentConfig
-    """The stage-2 training config (sampler defaults, label columns, atlas)."""
+    cfg: LDMExperimentConfig | VAEExperimentConfig
+    """The stage-2 training config (sampler defaults, label columns, atlas); the stage-1 one without a DiT."""
     gene_vocab: GeneVocab
     """Genes the autoencoder decodes (token id = 1 + index)."""
     label_vocabs: dict[str, LabelVocab]
@@ -72,6 +73,8 @@ class Stage2Model:
         Raises:
             ValueError: when the guidance weights do not match the label columns.
         """
+        if self.dit is None:
+            return {}
         flow = self.cfg.flow
         weights = sampling.guidance_weights or flow.guidance_weights or None
         if weights is not None and len(weights) != len(self.label_columns):
@@ -84,6 +87,7 @@ class Stage2Model:
     def describe(self) -> dict[str, Any]:
         """JSON-able provenance (for h5ad `uns`, reports and MLflow params)."""
         return {
+            "stage": "vae" if self.dit is None else "ldm",
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "stage1_checkpoint": str(self.stage1_checkpoint) if self.stage1_checkpoint else None,
             "mlflow_run_id": self.manifest.get("mlflow_run_id"),
@@ -161,7 +165,8 @@ def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
     return vae.requires_grad_(False).eval().to(device), vocab, ckpt, meta
 
 
-def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", weights: str = "ema") -> Stage2Model:
+def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", weights: str = "ema",
+                stage1_ok: bool = False) -> Stage2Model:
     """Load a stage-2 run_dir (its latest checkpoint) or checkpoint directory, and the stage-1 model it names.
 
     Args:
@@ -169,6 +174,7 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
         device: where the models go.
         weights: "ema" (the default; falls back to raw weights, with a warning, when the checkpoint has no EMA)
             or "raw".
+        stage1_ok: accept a stage-1 checkpoint too, loaded without a DiT (for evaluating the autoencoder).
 
     Raises:
         ValueError: naming the location when it holds no stage-2 checkpoint, or its stage-1 checkpoint is gone.
@@ -181,6 +187,8 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
         raise ValueError(f"no stage-2 checkpoint at {str(location)!r} ({exc})") from None
     state, meta = load_model_weights(ckpt, which=MODEL)
     manifest = meta.get("manifest", {})
+    if stage1_ok and manifest.get("stage") == "vae":
+        return _stage1_only(location, device)
     if manifest.get("stage") != "ldm":
         raise ValueError(f"{ckpt} is not a stage-2 (ldm) checkpoint: its manifest says stage={manifest.get('stage')!r}")
     cfg = config_from_yaml(LDMExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
@@ -216,6 +224,19 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
         weights=loaded,
         manifest=manifest,
     )
+
+
+def _stage1_only(location: str | Path, device: torch.device | str) -> Stage2Model:
+    """A stage-1 checkpoint as a `Stage2Model` without a DiT: the autoencoder, its vocabularies and statistics."""
+    vae, gene_vocab, ckpt, meta = load_autoencoder(location, device)
+    manifest = meta["manifest"]
+    cfg = config_from_yaml(VAEExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
+    stats = manifest.get("library_size_stats")
+    if stats is None or "label_vocabs" not in manifest:
+        raise ValueError(f"{ckpt}: the manifest has no library_size_stats / label_vocabs (an older stage-1 format)")
+    return Stage2Model(dit=None, vae=vae, cfg=cfg, gene_vocab=gene_vocab, label_vocabs=_label_vocabs(manifest, cfg),
+                       library_size_stats=LibrarySizeStats.from_manifest(stats, source=f"{ckpt}/meta.json"),
+                       checkpoint=ckpt, stage1_checkpoint=ckpt, weights="raw", manifest=manifest)
 
 
 def stage2_from_memory(

@@ -33,7 +33,7 @@ from scldm_scale.distributed import (
     init_distributed,
 )
 from scldm_scale.eval import plots
-from scldm_scale.eval.evaluate import evaluate
+from scldm_scale.eval.evaluate import ExternalSource, evaluate
 from scldm_scale.eval.generation import (
     Condition,
     check_partial_rows,
@@ -63,11 +63,12 @@ def resolve_model(source: ModelSourceConfig, tracking: TrackingConfig, dist: Dis
     return checkpoint_of_run(tracking, source.mlflow_run_id, dist, "model.mlflow_run_id")
 
 
-def _load(source: ModelSourceConfig, tracking: TrackingConfig, dist: DistInfo, weights: str | None = None):
+def _load(source: ModelSourceConfig, tracking: TrackingConfig, dist: DistInfo, weights: str | None = None,
+          stage1_ok: bool = False):
     location = resolve_model(source, tracking, dist)
     key = "model.mlflow_run_id" if source.mlflow_run_id else "model.checkpoint"
     try:
-        return load_stage2(location, device=dist.device, weights=weights or source.weights)
+        return load_stage2(location, device=dist.device, weights=weights or source.weights, stage1_ok=stage1_ok)
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
 
@@ -105,13 +106,14 @@ def label_mix(rows: np.ndarray, n: int) -> list[Condition]:
 
 
 @contextmanager
-def _model_job(source: ModelSourceConfig, tracking: TrackingConfig) -> Iterator[tuple[DistInfo, Stage2Model]]:
+def _model_job(source: ModelSourceConfig, tracking: TrackingConfig, stage1_ok: bool = False
+               ) -> Iterator[tuple[DistInfo, Stage2Model]]:
     """Logging, the process group and the model on every rank; the group is torn down at the end."""
     setup_logging()
     os.environ.setdefault("LOCAL_RANK", "0")
     dist = init_distributed(source.device)
     try:
-        yield dist, _load(source, tracking, dist)
+        yield dist, _load(source, tracking, dist, stage1_ok=stage1_ok)
     finally:
         destroy_distributed()
 
@@ -229,9 +231,12 @@ def write_report(result: dict[str, Any], plot_data: dict[str, Any], out_dir: Pat
     return files
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
-    """Score a trained scLDM (docs/evaluation.md); the result JSON on rank 0."""
-    with _model_job(cfg.model, cfg.tracking) as (dist, model):
+def run_evaluate(cfg: EvaluateConfig, external: dict[str, ExternalSource] | None = None) -> dict[str, Any] | None:
+    """Score a trained scLDM (docs/evaluation.md), and any `external` models beside it; the result JSON on rank 0.
+    A stage-1 checkpoint is scored without generation: its ceiling, reconstruction, baselines and floor."""
+    with _model_job(cfg.model, cfg.tracking, stage1_ok=True) as (dist, model):
+        if cfg.compare_weights and model.dit is None:
+            raise ConfigError(f"compare_weights=true needs a stage-2 model; {model.checkpoint} is a stage-1 checkpoint")
         try:
             model.sampling_kwargs(cfg.sampling)
         except ValueError as exc:
@@ -242,7 +247,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any] | None:
         if cfg.compare_weights:
             other = _load(cfg.model, cfg.tracking, dist, weights="raw" if model.weights == "ema" else "ema")
         result, plot_data = evaluate(model, cfg.protocol, cfg.sampling, atlas_uri=cfg.atlas_uri,
-                                     batch_size=cfg.model.batch_size, device=dist.device, extra_weights=other)
+                                     batch_size=cfg.model.batch_size, device=dist.device, extra_weights=other,
+                                     external=external)
         out_dir = report_dir(cfg, model)
         files = write_report(result, plot_data, out_dir, umap=cfg.umap)
         if cfg.json:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -145,3 +146,80 @@ def test_a_bad_model_location_is_one_error_line(trained, tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "model.checkpoint" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_external_models_are_scored_on_the_same_cells_labels_and_library_sizes(trained, tmp_path):
+    """`evaluate(external=...)` (how quality_bench.py scores scVI): a source that copies training cells of the
+    asked condition scores near the real floor and beats the 6-step scLDM; it is handed scLDM's library sizes;
+    a wrong shape is an error naming the source."""
+    from scldm_scale.config.eval import ProtocolConfig, SamplingConfig
+    from scldm_scale.eval.evaluate import dense_counts, evaluate, read_cells
+    from scldm_scale.eval.loading import load_stage2
+
+    model = load_stage2(trained["s2"])
+    train = read_cells(model, model.atlas_uri, model.cfg.data.value_filter, max_cells=2000, seed=5, batch_size=256)
+    counts = dense_counts(model, train)
+    seen = {}
+
+    def copy_train(labels_NK, library_size, seed):
+        rng = np.random.default_rng(seed)
+        seen.setdefault("lib", []).append(library_size)
+        rows = [rng.choice(np.flatnonzero((train.labels == row).all(1))) for row in labels_NK]
+        return counts[rows]
+
+    protocol = ProtocolConfig(value_filter="split == 'test' and dataset_id != 'brain10k'", condition_columns=["dataset_id"],
+                              min_cells_per_condition=10, max_cells=200, seeds=[0, 1], num_pcs=10)
+    result, plot_data = evaluate(model, protocol, SamplingConfig(num_steps=2), external={"copy_train": copy_train},
+                                 progress=False)
+    gen = result["generation"]
+    assert gen["copy_train"]["fd"]["mean"] < 2 * gen["real_floor"]["fd"]["mean"]
+    assert gen["copy_train"]["fd"]["mean"] < gen["scldm"]["fd"]["mean"]
+    assert "copy_train" in result["summary"] and "copy_train" in plot_data
+    assert len(seen["lib"]) == 2 and not np.allclose(seen["lib"][0], seen["lib"][1])  # redrawn per seed
+
+    def wrong(labels_NK, library_size, seed):
+        return np.zeros((len(labels_NK), 3))
+
+    with pytest.raises(ValueError, match="'wrong' returned counts of shape"):
+        evaluate(model, protocol, SamplingConfig(num_steps=2), external={"wrong": wrong}, progress=False)
+
+
+def test_a_stage1_run_is_evaluated_without_generation(trained, tmp_path):
+    """evaluate.py on a stage-1 run_dir: the autoencoder's ceiling, reconstruction, baseline and floor (what
+    benchmarks/stage1_curve.py scores); no scLDM samples; compare_weights is refused in one line."""
+    env = trained["env"]
+    out = tmp_path / "s1.json"
+    run([sys.executable, EVALUATE, f"model.checkpoint={trained['root']}/s1", "--json", str(out), "umap=false",
+         "protocol.value_filter=split == 'test' and dataset_id != 'brain10k'", "protocol.condition_columns=[dataset_id]",
+         "protocol.min_cells_per_condition=10", "protocol.max_cells=200", "protocol.seeds=[0]", "protocol.num_pcs=10",
+         f"out_dir={tmp_path}/report", "tracking.backend=none", *QUIET], env)
+    result = json.loads(out.read_text())
+    assert set(result["generation"]) == {"gaussian_baseline", "stage1_ceiling", "real_floor"}
+    assert result["model"]["stage"] == "vae" and result["protocol"]["sampling"] == {}
+    assert result["summary"]["stage1_ceiling"]["fd_over_floor"] > 0 and result["reconstruction"]["nll"] > 0
+    proc = subprocess.run([sys.executable, EVALUATE, f"model.checkpoint={trained['root']}/s1", "compare_weights=true",
+                           "tracking.backend=none"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "compare_weights=true needs a stage-2 model" in proc.stderr
+
+
+def test_the_scvi_peer_trains_for_its_wall_time_and_samples_each_condition(trained):
+    """benchmarks/scvi_peer.py (scvi-tools, the `bench` extra): trained on the model's training cells and genes for
+    the given seconds; prior samples per condition at the given library sizes; an unseen label is an error."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from scvi_peer import ScviPeer
+
+    from scldm_scale.eval.loading import load_stage2
+
+    model = load_stage2(trained["s2"])
+    peer = ScviPeer(model, seconds=4)
+    info = peer.describe()
+    assert info["epochs"] >= 1 and info["genes"] == model.gene_vocab.num_genes
+    assert 3.5 < info["train_seconds"] < 30 and info["categorical_covariates"] == model.label_columns
+    labels = np.repeat(np.array([[1] * len(model.label_columns), [2] * len(model.label_columns)]), 100, axis=0)
+    lib = np.full(len(labels), 2000.0)
+    x = peer(labels, lib, seed=0)
+    assert x.shape == (200, model.gene_vocab.num_genes) and (x >= 0).all() and np.array_equal(x, np.round(x))
+    assert abs(x.sum(1).mean() / 2000 - 1) < 0.2  # NB means sum to the library size
+    np.testing.assert_array_equal(x, peer(labels, lib, seed=0))
+    with pytest.raises(ValueError, match="were not in its training cells"):
+        peer(np.full((2, len(model.label_columns)), 999), lib[:2], seed=0)

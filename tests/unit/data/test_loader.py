@@ -135,6 +135,25 @@ def test_vocab_json_round_trip_and_min_gene_cells(small_atlas):
     assert LabelVocab.from_json(labels["cell_type"].to_json()) == labels["cell_type"]
 
 
+def test_min_gene_cells_counted_over_the_training_cells(small_atlas):
+    """scope=train counts each gene's cells within data.value_filter (hand count from X), not var n_cells."""
+    vf = "dataset_id == 'ds1'"
+    with tiledbsoma.Experiment.open(small_atlas) as exp:
+        ids = exp.obs.read(value_filter=vf, column_names=["soma_joinid"]).concat().column(0).to_numpy()
+        x = exp.ms["RNA"].X["raw"].read((np.sort(ids),)).tables().concat()
+        var = exp.ms["RNA"].var.read(column_names=["feature_id", "n_cells"]).concat().to_pandas()
+    per_gene = np.bincount(x["soma_dim_1"].to_numpy(), minlength=len(var))
+    threshold = max(2, int(np.median(per_gene[per_gene > 0])))
+    kept = build_gene_vocab(_cfg(small_atlas, value_filter=vf, min_gene_cells=threshold,
+                                 min_gene_cells_scope="train"))
+    assert kept.feature_ids == [f for f, n in zip(var["feature_id"], per_gene) if n >= threshold]
+    atlas_scope = build_gene_vocab(_cfg(small_atlas, value_filter=vf, min_gene_cells=threshold))
+    assert atlas_scope.feature_ids != kept.feature_ids
+    with pytest.raises(ValueError, match="no cell matches"):
+        build_gene_vocab(_cfg(small_atlas, value_filter="dataset_id == 'nope'", min_gene_cells=1,
+                              min_gene_cells_scope="train"))
+
+
 def test_unknown_labels_map_to_zero(small_atlas, caplog):
     vocabs = {
         "dataset_id": LabelVocab("dataset_id", ["ds1"]),
