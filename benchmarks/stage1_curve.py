@@ -61,7 +61,7 @@ def _train(run_dir: Path, overrides: list[str], steps: int, interval: int, log: 
 def _score(ckpt: Path, out: Path, log: Path) -> dict:
     cmd = [sys.executable, str(REPO / "launchers" / "evaluate.py"), f"model.checkpoint={ckpt}",
            f"protocol.value_filter={TEST_FILTER}", "protocol.seeds=[0]", "umap=false", f"out_dir={out}",
-           "tracking.backend=none", "--json", str(out / "evaluation.json")]
+           "tracking.backend=none"]
     _run(cmd, log)
     r = json.loads((out / "evaluation.json").read_text())
     s = r["summary"]["stage1_ceiling"]
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True)
     p.add_argument("--work", default="runs/stage1-curve")
-    p.add_argument("--cells", type=int, default=96_000, help="training cells per variant (12 epochs of brain10k)")
+    p.add_argument("--cells", type=int, default=64_000, help="training cells per variant (8 epochs of brain10k)")
     p.add_argument("--points", type=int, default=3, help="checkpoints scored per variant")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="replace the default variants")
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
         interval = max(1, args.cells // _batch(overrides) // args.points)
         steps = interval * args.points
         print(f"[stage1_curve] {name}: {steps} steps", file=sys.stderr, flush=True)
-        t0 = _train(vdir / "run", overrides, steps, interval, vdir / "train.log")
+        final = vdir / "run" / "checkpoints" / f"step-{steps:08d}"
+        if final.exists():  # trained by an earlier call: reuse it
+            t0 = json.loads((vdir / "started.json").read_text())["t0"]
+        else:
+            t0 = _train(vdir / "run", overrides, steps, interval, vdir / "train.log")
+            (vdir / "started.json").write_text(json.dumps({"t0": t0}))
         points = []
         for ckpt in sorted((vdir / "run" / "checkpoints").glob("step-*")):
             meta = json.loads((ckpt / "meta.json").read_text())

@@ -251,7 +251,7 @@ def run_evaluate(cfg: EvaluateConfig, external: dict[str, ExternalSource] | None
                                      external=external)
         out_dir = report_dir(cfg, model)
         files = write_report(result, plot_data, out_dir, umap=cfg.umap)
-        if cfg.json:
+        if cfg.json and Path(cfg.json).resolve() != files[0].resolve():
             Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(files[0], cfg.json)  # the report's evaluation.json
         result["report_dir"] = str(out_dir)

@@ -186,9 +186,10 @@ def test_external_models_are_scored_on_the_same_cells_labels_and_library_sizes(t
 
 def test_a_stage1_run_is_evaluated_without_generation(trained, tmp_path):
     """evaluate.py on a stage-1 run_dir: the autoencoder's ceiling, reconstruction, baseline and floor (what
-    benchmarks/stage1_curve.py scores); no scLDM samples; compare_weights is refused in one line."""
+    benchmarks/stage1_curve.py scores); no scLDM samples; compare_weights is refused in one line. `--json` may
+    name the report's own evaluation.json."""
     env = trained["env"]
-    out = tmp_path / "s1.json"
+    out = tmp_path / "report" / "evaluation.json"
     run([sys.executable, EVALUATE, f"model.checkpoint={trained['root']}/s1", "--json", str(out), "umap=false",
          "protocol.value_filter=split == 'test' and dataset_id != 'brain10k'", "protocol.condition_columns=[dataset_id]",
          "protocol.min_cells_per_condition=10", "protocol.max_cells=200", "protocol.seeds=[0]", "protocol.num_pcs=10",
