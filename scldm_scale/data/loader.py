@@ -144,6 +144,10 @@ def _read_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig):
     return var.read(column_names=cols).concat().to_pandas()
 
 
+_N_CELLS_READ = 100_000
+"""Cells per X read when counting genes over the training cells."""
+
+
 def _training_n_cells(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var_joinids: np.ndarray) -> np.ndarray:
     """Cells with a non-zero count, per var row, among the training cells (`data.value_filter`)."""
     obs = exp.obs.read(value_filter=cfg.value_filter, column_names=["soma_joinid"]).concat()
@@ -156,10 +160,6 @@ def _training_n_cells(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var_joini
         for tbl in X.read((cells[start : start + _N_CELLS_READ],)).tables():
             counts += np.bincount(tbl["soma_dim_1"].to_numpy(), minlength=len(counts))[: len(counts)]
     return counts[var_joinids]
-
-
-_N_CELLS_READ = 100_000
-"""Cells per X read when counting genes over the training cells."""
 
 
 def _vocab_from_var(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var) -> GeneVocab:

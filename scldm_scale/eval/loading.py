@@ -155,6 +155,13 @@ def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
     """
     ckpt = resolve_checkpoint(location)
     state, meta = load_model_weights(ckpt)
+    vae, vocab, _ = _autoencoder(ckpt, state, meta, device)
+    return vae, vocab, ckpt, meta
+
+
+def _autoencoder(ckpt: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device | str
+                 ) -> tuple[TransformerVAE, GeneVocab, VAEExperimentConfig]:
+    """The frozen autoencoder of loaded stage-1 weights and meta.json, its vocabulary and its config."""
     manifest = meta.get("manifest", {})
     if "gene_vocab" not in manifest or "config_yaml" not in manifest:
         raise ValueError(f"{ckpt} is not a stage-1 autoencoder checkpoint (its manifest has no gene_vocab/config_yaml)")
@@ -162,7 +169,7 @@ def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
     vocab = GeneVocab.from_json(manifest["gene_vocab"])
     vae = build_vae(vae_cfg.model, vocab.num_genes)
     vae.load_state_dict(state)
-    return vae.requires_grad_(False).eval().to(device), vocab, ckpt, meta
+    return vae.requires_grad_(False).eval().to(device), vocab, vae_cfg
 
 
 def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", weights: str = "ema",
@@ -188,7 +195,7 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
     state, meta = load_model_weights(ckpt, which=MODEL)
     manifest = meta.get("manifest", {})
     if stage1_ok and manifest.get("stage") == "vae":
-        return _stage1_only(location, device)
+        return _stage1_only(ckpt, state, meta, device)
     if manifest.get("stage") != "ldm":
         raise ValueError(f"{ckpt} is not a stage-2 (ldm) checkpoint: its manifest says stage={manifest.get('stage')!r}")
     cfg = config_from_yaml(LDMExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
@@ -226,11 +233,11 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
     )
 
 
-def _stage1_only(location: str | Path, device: torch.device | str) -> Stage2Model:
+def _stage1_only(ckpt: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device | str
+                 ) -> Stage2Model:
     """A stage-1 checkpoint as a `Stage2Model` without a DiT: the autoencoder, its vocabularies and statistics."""
-    vae, gene_vocab, ckpt, meta = load_autoencoder(location, device)
+    vae, gene_vocab, cfg = _autoencoder(ckpt, state, meta, device)
     manifest = meta["manifest"]
-    cfg = config_from_yaml(VAEExperimentConfig, manifest["config_yaml"], f"{ckpt}/meta.json")
     stats = manifest.get("library_size_stats")
     if stats is None or "label_vocabs" not in manifest:
         raise ValueError(f"{ckpt}: the manifest has no library_size_stats / label_vocabs (an older stage-1 format)")
