@@ -1,29 +1,23 @@
-"""SOMA atlas storage: schema, staged + atomic publish for local paths, the inter-process lock, appends.
+"""SOMA atlas storage: the schema, the committed state, discarding uncommitted writes, appends.
 
 Owns the on-disk layout described in DEVELOPERS.md ("Atlas layout"). It does not read or validate input
-files (that is `_source.py`). Local atlases are written in a staging directory and swapped in atomically;
-s3:// atlases are written in place (there is no rename on S3), so callers validate everything first.
+files (that is `_source.py`). Every write follows the commit protocol of `_commit.py` (readers see the last
+committed write only); local atlases are in addition staged and published atomically (`_staging.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import logging
 import os
-import shutil
-import sys
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import tiledbsoma
+
+from data_pipelines._commit import META_WRITE, CommitInfo, open_committed, read_commit
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +37,16 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 FLOAT32_EXACT_MAX = 2**24
 """X is float32 on disk (int and float readers agree); integers up to 2**24 are stored exactly."""
 
-_held_locks: dict[str, tuple[int, int]] = {}
-
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def soma_context(uri: str, s3_endpoint_url: str | None = None) -> tiledbsoma.SOMATileDBContext:
-    """The shared `make_soma_context` for s3:// URIs; a default context for local paths.
+def soma_context(
+    uri: str, s3_endpoint_url: str | None = None, s3_verify_tls: bool = True
+) -> tiledbsoma.SOMATileDBContext:
+    """The shared `make_soma_context` for s3:// URIs (TLS verified unless `s3_verify_tls` is False); a
+    default context for local paths.
 
     Imported lazily: `scldm_scale.data` pulls in torch (seconds), which local ingestion does not need.
     """
@@ -59,144 +54,14 @@ def soma_context(uri: str, s3_endpoint_url: str | None = None) -> tiledbsoma.SOM
         return tiledbsoma.SOMATileDBContext()
     from scldm_scale.data.context import make_soma_context
 
-    return make_soma_context(uri, s3_endpoint_url)
+    return make_soma_context(uri, s3_endpoint_url, verify_tls=s3_verify_tls)
 
 
-def atlas_exists(uri: str, s3_endpoint_url: str | None = None) -> bool:
-    """True when `uri` holds a SOMA Experiment."""
+def atlas_exists(uri: str, ctx: tiledbsoma.SOMATileDBContext | None = None) -> bool:
+    """True when `uri` holds a SOMA Experiment (`ctx`: default `soma_context(uri)`)."""
     if not is_s3(uri) and not os.path.exists(uri):
         return False
-    return bool(tiledbsoma.Experiment.exists(uri, context=soma_context(uri, s3_endpoint_url)))
-
-
-# ---- lock and atomic publish (local paths only) -------------------------------------------------------
-
-
-def _sidecar(path: str, kind: str) -> str:
-    parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{kind}")
-
-
-@contextlib.contextmanager
-def atlas_lock(path: str) -> Iterator[None]:
-    """Exclusive inter-process lock (fcntl.flock on `.<name>.lock` beside the atlas); re-entrant per process."""
-    key = os.path.abspath(path)
-    if key in _held_locks:
-        fd, depth = _held_locks[key]
-        _held_locks[key] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held_locks[key]
-            _held_locks[key] = (fd, depth - 1)
-        return
-    os.makedirs(os.path.dirname(key), exist_ok=True)
-    fd = os.open(_sidecar(key, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _held_locks[key] = (fd, 1)
-        try:
-            yield
-        finally:
-            del _held_locks[key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two directories with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, f"renameat2({a!r}, {b!r}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
-
-
-def _recover(path: str) -> None:
-    """Undo what a crashed writer left behind: restore a half-swapped atlas, delete stale staging dirs."""
-    parent, name = os.path.split(os.path.abspath(path))
-    leftovers = [
-        e for e in os.listdir(parent) if e.startswith(f".{name}.staging-") or e.startswith(f".{name}.old-")
-    ]
-    for entry in sorted(leftovers):
-        full = os.path.join(parent, entry)
-        if entry.startswith(f".{name}.old-") and not os.path.exists(path):
-            # Crash between the two renames of the fallback swap: the old atlas is the last complete one.
-            logger.warning("restoring %s from interrupted publish %s", path, full)
-            os.rename(full, path)
-        else:
-            logger.warning("removing leftover staging directory %s", full)
-            shutil.rmtree(full, ignore_errors=True)
-
-
-def _link_tree(src: str, dst: str) -> None:
-    """Copy a directory tree as hard links (TileDB never rewrites an existing file: new writes add files)."""
-    try:
-        shutil.copytree(src, dst, copy_function=os.link)
-    except OSError as exc:  # a filesystem without hard links (or across devices): plain copy
-        logger.info("hard links unavailable (%s); copying %s", exc, src)
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst)
-
-
-def _publish(staging: str, path: str) -> None:
-    parent, name = os.path.split(os.path.abspath(path))
-    if not os.path.exists(path):
-        os.rename(staging, path)
-    elif _exchange(staging, path):
-        shutil.rmtree(staging)  # now holds the previous atlas
-    else:
-        backup = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-        os.rename(path, backup)
-        os.rename(staging, path)  # a crash between these two renames is undone by _recover
-        shutil.rmtree(backup)
-    _fsync_dir(parent)
-
-
-@contextlib.contextmanager
-def staged_atlas(uri: str) -> Iterator[str]:
-    """Yield the URI to write to; for local paths a staging copy that is published atomically on success.
-
-    Local paths: under the atlas lock, the existing atlas (if any) is hard-linked into
-    `.<name>.staging-<uuid>` beside it; the caller writes there; on a clean exit the staging directory is
-    swapped in with one atomic rename (renameat2 RENAME_EXCHANGE on Linux). On any exception, or a crash at any
-    point, the published atlas is either the old one or the new one, never a mix. s3:// URIs are yielded
-    unchanged: S3 has no rename, so crash-atomicity is a local-path guarantee only.
-    """
-    if is_s3(uri):
-        yield uri
-        return
-    path = os.path.abspath(uri)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{uri}: atlas path exists and is not a directory")
-    with atlas_lock(path):
-        _recover(path)
-        staging = _sidecar(path, f"staging-{uuid.uuid4().hex}")
-        if os.path.exists(path):
-            _link_tree(path, staging)
-        try:
-            yield staging
-            _publish(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    return bool(tiledbsoma.Experiment.exists(uri, context=ctx or soma_context(uri)))
 
 
 # ---- reading the current state -------------------------------------------------------------------------
@@ -214,6 +79,8 @@ class AtlasState:
     )
     datasets: list[dict] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    commit: CommitInfo = field(default_factory=CommitInfo)
+    """The commit keys (read at the latest state); everything else is read at the last commit."""
 
     @property
     def label_columns(self) -> list[str]:
@@ -230,13 +97,23 @@ class AtlasState:
         return [d["dataset_id"] for d in self.datasets]
 
 
-def read_state(uri: str, s3_endpoint_url: str | None = None) -> AtlasState:
-    """Read obs size and columns, the whole var table and the metadata of the atlas at `uri`."""
-    if not atlas_exists(uri, s3_endpoint_url):
+def read_state(uri: str, ctx: tiledbsoma.SOMATileDBContext) -> AtlasState:
+    """Read obs size and columns, the whole var table and the metadata of the atlas at `uri`, as of its last
+    commit (what a failed write left after it is not counted).
+
+    Raises:
+        ValueError: `uri` is not a SOMA Experiment, or one that was never committed.
+    """
+    if not atlas_exists(uri, ctx):
         if not is_s3(uri) and os.path.exists(uri) and os.listdir(uri):
             raise ValueError(f"{uri}: exists but is not a SOMA Experiment")
         return AtlasState()
-    with tiledbsoma.Experiment.open(uri, context=soma_context(uri, s3_endpoint_url)) as exp:
+    info = read_commit(uri, ctx)
+    with open_committed(uri, ctx, info) as exp:
+        if "obs" not in exp or "ms" not in exp or MEASUREMENT_NAME not in exp.ms:
+            raise ValueError(
+                f"{uri}: an incomplete atlas (no obs or ms/{MEASUREMENT_NAME}); delete it and ingest again"
+            )
         obs_columns = list(exp.obs.schema.names)
         n_obs = int(exp.obs.count)
         var = exp.ms[MEASUREMENT_NAME].var.read().concat().to_pandas()
@@ -249,6 +126,7 @@ def read_state(uri: str, s3_endpoint_url: str | None = None) -> AtlasState:
         var=var[["feature_id", "feature_name", "n_cells"]],
         datasets=json.loads(metadata.get(META_DATASETS, "[]")),
         metadata=metadata,
+        commit=info,
     )
 
 
@@ -260,9 +138,19 @@ def _string_field(name: str) -> pa.Field:
 
 
 def create_atlas(
-    uri: str, ctx: tiledbsoma.SOMATileDBContext, *, obs_columns: list[str], n_obs: int, n_vars: int
+    uri: str,
+    ctx: tiledbsoma.SOMATileDBContext,
+    *,
+    obs_columns: list[str],
+    n_obs: int,
+    n_vars: int,
+    timestamp: int | None = None,
 ) -> None:
-    """Create an empty experiment (obs, ms/RNA/var, ms/RNA/X/raw) sized (n_obs, n_vars)."""
+    """Create an empty experiment (obs, ms/RNA/var, ms/RNA/X/raw) sized (n_obs, n_vars).
+
+    With `timestamp` (the commit protocol) the experiment records the write as started before its children
+    are created: an interrupted creation is then recognised (`CommitInfo.never_committed`), not read.
+    """
     obs_schema = pa.schema(
         [pa.field("soma_joinid", pa.int64(), nullable=False)] + [_string_field(c) for c in obs_columns]
     )
@@ -274,7 +162,11 @@ def create_atlas(
             pa.field("n_cells", pa.int64(), nullable=False),
         ]
     )
-    with tiledbsoma.Experiment.create(uri, context=ctx) as exp:
+    with tiledbsoma.Experiment.create(uri, context=ctx, tiledb_timestamp=timestamp) as exp:
+        exp.metadata[META_FORMAT] = FORMAT_VERSION
+        if timestamp is not None:
+            exp.metadata[META_WRITE] = timestamp
+    with tiledbsoma.Experiment.open(uri, "w", context=ctx, tiledb_timestamp=timestamp) as exp:
         exp.add_new_dataframe(
             "obs", schema=obs_schema, index_column_names=["soma_joinid"], domain=[(0, n_obs - 1)]
         )
@@ -285,16 +177,46 @@ def create_atlas(
         rna.add_new_collection("X").add_new_sparse_ndarray(
             LAYER_NAME, type=pa.float32(), shape=(n_obs, n_vars)
         )
-        exp.metadata[META_FORMAT] = FORMAT_VERSION
 
 
-def resize_atlas(uri: str, ctx: tiledbsoma.SOMATileDBContext, *, n_obs: int, n_vars: int) -> None:
-    """Grow obs, var and X to (n_obs, n_vars); must be reopened before writing the new rows."""
-    with tiledbsoma.Experiment.open(uri, "w", context=ctx) as exp:
+def resize_atlas(
+    uri: str, ctx: tiledbsoma.SOMATileDBContext, *, n_obs: int, n_vars: int, timestamp: int | None = None
+) -> None:
+    """Grow obs, var and X to at least (n_obs, n_vars) at `timestamp`; must be reopened before writing the
+    new rows. Shapes never shrink: a failed write may have grown them already (they are then larger than the
+    cells and genes stored; no reader relies on them)."""
+    with tiledbsoma.Experiment.open(uri, "w", context=ctx, tiledb_timestamp=timestamp) as exp:
         rna = exp.ms[MEASUREMENT_NAME]
-        exp.obs.change_domain([(0, n_obs - 1)])
-        rna.var.change_domain([(0, n_vars - 1)])
-        rna.X[LAYER_NAME].resize((n_obs, n_vars))
+        x = rna.X[LAYER_NAME]
+        n_obs, n_vars = max(n_obs, x.shape[0]), max(n_vars, x.shape[1])
+        if exp.obs.domain[0][1] + 1 < n_obs:
+            exp.obs.change_domain([(0, n_obs - 1)])
+        if rna.var.domain[0][1] + 1 < n_vars:
+            rna.var.change_domain([(0, n_vars - 1)])
+        if tuple(x.shape) != (n_obs, n_vars):
+            x.resize((n_obs, n_vars))
+
+
+def discard_uncommitted(
+    uri: str, ctx: tiledbsoma.SOMATileDBContext, timestamp: int, *, n_obs: int, n_vars: int
+) -> None:
+    """Delete what writes after the last commit left: obs and X rows from `n_obs`, var rows from `n_vars`
+    (the committed sizes). TileDB delete commits at `timestamp - 1`: they hide those cells from readers at or
+    after it, not from the committed state (older), nor the new write's own data (at `timestamp`). var rows
+    below `n_vars` that a failed write rewrote are superseded by the new write's whole var table."""
+    if not hasattr(tiledbsoma.SparseNDArray, "delete_cells"):
+        raise RuntimeError(
+            f"{uri}: discarding what an uncommitted write left needs a tiledbsoma with delete support "
+            f"(mode='d', delete_cells); this one is {tiledbsoma.__version__}: upgrade it and ingest again"
+        )
+    with tiledbsoma.Experiment.open(uri, "d", context=ctx, tiledb_timestamp=timestamp - 1) as exp:
+        rna = exp.ms[MEASUREMENT_NAME]
+        for frame, start in ((exp.obs, n_obs), (rna.var, n_vars)):
+            if frame.domain[0][1] >= start:
+                frame.delete_cells((slice(start, None),))
+        x = rna.X[LAYER_NAME]
+        if x.shape[0] > n_obs:
+            x.delete_cells((slice(n_obs, None),))
 
 
 def write_var(exp: tiledbsoma.Experiment, var: pd.DataFrame) -> None:

@@ -16,10 +16,11 @@ from importlib import resources
 
 import anndata
 import pandas as pd
-import tiledbsoma
 
-from data_pipelines._atlas import META_DATASETS, SPLIT_VALUES, atlas_exists, atlas_lock, soma_context
+from data_pipelines._atlas import META_DATASETS, SPLIT_VALUES, atlas_exists, soma_context
+from data_pipelines._commit import open_committed
 from data_pipelines._source import stratified_split
+from data_pipelines._staging import atlas_lock
 from data_pipelines.ingest import ingest_anndata
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,10 @@ def resolve_atlas_uri(uri: str) -> str:
     return ensure_demo_atlas() if uri == "demo" else uri
 
 
-def atlas_summary(uri: str, s3_endpoint_url: str | None = None) -> dict:
-    """Datasets with cell counts, total cells, genes, split counts and label columns of an atlas."""
-    with tiledbsoma.Experiment.open(uri, context=soma_context(uri, s3_endpoint_url)) as exp:
+def atlas_summary(uri: str, s3_endpoint_url: str | None = None, s3_verify_tls: bool = True) -> dict:
+    """Datasets with cell counts, total cells, genes, split counts and label columns of an atlas (as of its
+    last commit)."""
+    with open_committed(uri, soma_context(uri, s3_endpoint_url, s3_verify_tls)) as exp:
         names = exp.obs.schema.names
         cols = ["dataset_id"] + (["split"] if "split" in names else [])
         obs = exp.obs.read(column_names=cols).concat().to_pandas()

@@ -2,15 +2,15 @@
 
 `python -m data_pipelines.ingest --atlas PATH FILE.h5ad [FILE.h5ad ...]`. Every input is validated completely
 (ids, labels, split values, every count) before anything is written; every cell gets a train / val / test
-`split` (its own, else a seeded stratified draw). Local atlases are written in a staging copy and published
-atomically (see `_atlas.staged_atlas`). s3:// atlases are written in place after validation: there is no rename
-on S3, so crash-atomicity is a local-path guarantee. Layout: DEVELOPERS.md, "Atlas layout".
+`split` (its own, else a seeded stratified draw). Every ingest is one committed write (`_commit.py`): readers
+see the atlas as of the last successful ingest, whatever a failed or killed one wrote (s3:// and local paths);
+local atlases are in addition written in a staging copy, fsynced and published atomically
+(`_staging.staged_atlas`). Layout: DEVELOPERS.md, "Atlas layout"; protocol: docs/object_store.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,26 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anndata
-import numpy as np
 import pandas as pd
 import tiledbsoma
-from tqdm.auto import tqdm
 
-from data_pipelines._atlas import (
-    META_DATASETS,
-    META_LABEL_COLUMNS,
-    SPLIT_COLUMN,
-    SPLIT_VALUES,
-    AtlasState,
-    create_atlas,
-    read_state,
-    resize_atlas,
-    soma_context,
-    staged_atlas,
-    write_obs,
-    write_var,
-    write_x,
-)
+from data_pipelines._append import plan_var, write_sources
+from data_pipelines._atlas import SPLIT_COLUMN, SPLIT_VALUES, AtlasState, read_state, soma_context
 from data_pipelines._source import (
     DEFAULT_SPLIT_FRACTIONS,
     IngestError,
@@ -48,6 +33,7 @@ from data_pipelines._source import (
     open_h5ad,
     validate_source,
 )
+from data_pipelines._staging import staged_atlas
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +49,7 @@ def ingest_h5ads(
     fill_values: dict[str, str] | None = None,
     chunk_rows: int = 10_000,
     s3_endpoint_url: str | None = None,
+    s3_verify_tls: bool = True,
     experiment_metadata: dict[str, str | int | float] | None = None,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     split_seed: int = 0,
@@ -79,6 +66,7 @@ def ingest_h5ads(
         fill_values: column -> value used for missing labels (NaN, empty, or the column absent from a file).
         chunk_rows: cells per read / write chunk (bounds peak memory).
         s3_endpoint_url: endpoint override for s3:// atlases.
+        s3_verify_tls: verify the TLS certificate of an https endpoint (False only for a trusted private one).
         experiment_metadata: extra key -> scalar written into the experiment metadata.
         split_fractions: train / val / test fractions of the cells whose split is assigned here.
         split_seed: seed of the split assignment.
@@ -95,7 +83,8 @@ def ingest_h5ads(
         (with its split counts).
 
     Raises:
-        IngestError: (a ValueError) on any bad input; the atlas is left untouched.
+        IngestError: (a ValueError) on any bad input; the atlas is left untouched. Any other failure (or a
+            kill) leaves the atlas as of its last commit for every reader; the next ingest discards the rest.
     """
     if dataset_ids is not None and len(dataset_ids) != len(paths):
         raise IngestError(f"got {len(dataset_ids)} dataset ids for {len(paths)} files")
@@ -107,7 +96,7 @@ def ingest_h5ads(
         label_columns,
         fill_values,
         chunk_rows,
-        s3_endpoint_url,
+        soma_context(atlas_uri, s3_endpoint_url, s3_verify_tls),
         experiment_metadata,
         _SplitOptions(check_split_fractions(split_fractions), int(split_seed)),
     )
@@ -122,6 +111,7 @@ def ingest_anndata(
     fill_values: dict[str, str] | None = None,
     chunk_rows: int = 10_000,
     s3_endpoint_url: str | None = None,
+    s3_verify_tls: bool = True,
     experiment_metadata: dict[str, str | int | float] | None = None,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     split_seed: int = 0,
@@ -137,7 +127,7 @@ def ingest_anndata(
         label_columns,
         fill_values,
         chunk_rows,
-        s3_endpoint_url,
+        soma_context(atlas_uri, s3_endpoint_url, s3_verify_tls),
         experiment_metadata,
         _SplitOptions(check_split_fractions(split_fractions), int(split_seed)),
     )
@@ -233,94 +223,6 @@ def _split_summary(src: Source, opts: _SplitOptions, labels: list[str]) -> dict:
     }
 
 
-def _plan_var(state: AtlasState, sources: list[Source]) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """Union vocabulary: stored genes keep their soma_joinid, new genes are appended; n_cells is summed."""
-    var = state.var.copy()
-    index = {fid: i for i, fid in enumerate(var["feature_id"].astype(str))}
-    new_ids, new_names = [], []
-    maps = []
-    for src in sources:
-        gene_map = np.empty(len(src.feature_ids), dtype=np.int64)
-        for j, (fid, fname) in enumerate(zip(src.feature_ids, src.feature_names)):
-            if fid not in index:
-                index[fid] = len(index)
-                new_ids.append(fid)
-                new_names.append(fname)
-            gene_map[j] = index[fid]
-        maps.append(gene_map)
-    n_cells = np.concatenate([var["n_cells"].to_numpy(np.int64), np.zeros(len(new_ids), np.int64)])
-    for src, gene_map in zip(sources, maps):
-        np.add.at(n_cells, gene_map, src.n_cells_per_gene)
-    out = pd.DataFrame(
-        {
-            "feature_id": list(var["feature_id"].astype(str)) + new_ids,
-            "feature_name": list(var["feature_name"].astype(str)) + new_names,
-            "n_cells": n_cells,
-        }
-    )
-    return out, maps
-
-
-def _write(
-    target: str,
-    ctx: tiledbsoma.SOMATileDBContext,
-    state: AtlasState,
-    sources: list[Source],
-    labels: list[str],
-    var: pd.DataFrame,
-    maps: list[np.ndarray],
-    chunk_rows: int,
-    experiment_metadata: dict,
-    split_opts: _SplitOptions,
-) -> list[dict]:
-    n_total = state.n_obs + sum(s.n_obs for s in sources)
-    if state.exists:
-        resize_atlas(target, ctx, n_obs=n_total, n_vars=len(var))
-    else:
-        columns = ["obs_id", "dataset_id", *labels, SPLIT_COLUMN]
-        create_atlas(target, ctx, obs_columns=columns, n_obs=n_total, n_vars=len(var))
-    datasets = list(state.datasets)
-    offset = state.n_obs
-    with (
-        tiledbsoma.Experiment.open(target, "w", context=ctx) as exp,
-        tqdm(total=n_total - state.n_obs, unit="cells", desc="ingest", file=sys.stderr, disable=None) as bar,
-    ):
-        for src, gene_map in zip(sources, maps):
-            for start, chunk in src.iter_chunks(chunk_rows):
-                stop = start + chunk.shape[0]
-                cols = {
-                    "obs_id": src.obs_ids[start:stop],
-                    "dataset_id": np.full(stop - start, src.dataset_id, object),
-                }
-                cols.update({c: src.labels[c][start:stop] for c in labels})
-                if src.split is not None:
-                    cols[SPLIT_COLUMN] = src.split[start:stop]
-                write_obs(exp, offset + start, cols)
-                chunk.eliminate_zeros()
-                coo = chunk.tocoo()
-                write_x(exp, coo.row.astype(np.int64) + offset + start, gene_map[coo.col], coo.data)
-                bar.update(stop - start)
-            datasets.append(
-                {
-                    "dataset_id": src.dataset_id,
-                    "source": src.name,
-                    "n_cells": src.n_obs,
-                    "n_genes": len(src.feature_ids),
-                    "nnz": src.nnz,
-                    "obs_joinid_start": offset,
-                    "obs_joinid_stop": offset + src.n_obs,
-                    **_split_summary(src, split_opts, labels),
-                }
-            )
-            offset += src.n_obs
-        write_var(exp, var)
-        exp.metadata[META_DATASETS] = json.dumps(datasets)
-        exp.metadata[META_LABEL_COLUMNS] = json.dumps(labels)
-        for key, value in experiment_metadata.items():
-            exp.metadata[key] = value
-    return datasets
-
-
 def _ingest(
     atlas_uri: str,
     openers: list[tuple[str, Callable[[], anndata.AnnData], str]],
@@ -328,7 +230,7 @@ def _ingest(
     label_columns: list[str] | None,
     fill_values: dict[str, str] | None,
     chunk_rows: int,
-    s3_endpoint_url: str | None,
+    ctx: tiledbsoma.SOMATileDBContext,
     experiment_metadata: dict | None,
     split_opts: _SplitOptions,
 ) -> dict:
@@ -338,15 +240,14 @@ def _ingest(
         raise IngestError("nothing to ingest: no input files")
     with staged_atlas(atlas_uri) as target:
         # Read and validate under the atlas lock (staged_atlas holds it for local paths), before any write.
-        state = read_state(atlas_uri, s3_endpoint_url)
+        state = read_state(atlas_uri, ctx)
         sources, labels = _validate_all(
             state, openers, dataset_ids, label_columns, fill_values or {}, chunk_rows
         )
         try:
             _assign_splits(state, sources, labels, split_opts)
-            var, maps = _plan_var(state, sources)
-            ctx = soma_context(target, s3_endpoint_url)
-            datasets = _write(
+            var, maps = plan_var(state, sources)
+            datasets = write_sources(
                 target,
                 ctx,
                 state,
@@ -354,9 +255,9 @@ def _ingest(
                 labels,
                 var,
                 maps,
-                chunk_rows,
-                experiment_metadata or {},
-                split_opts,
+                chunk_rows=chunk_rows,
+                experiment_metadata=experiment_metadata or {},
+                dataset_extra=lambda src: _split_summary(src, split_opts, labels),
             )
         finally:
             for src in sources:
@@ -422,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the split draw (default 0)")
     p.add_argument("--chunk-rows", type=int, default=10_000, help="cells per chunk (default 10000)")
     p.add_argument("--s3-endpoint-url", default=None, help="endpoint override for s3:// atlases")
+    p.add_argument(
+        "--s3-no-verify-tls",
+        dest="s3_verify_tls",
+        action="store_false",
+        help="do not verify the TLS certificate of an https endpoint (a trusted private one only)",
+    )
     return p
 
 
@@ -438,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fill_values=_parse_fill(args.fill),
             chunk_rows=args.chunk_rows,
             s3_endpoint_url=args.s3_endpoint_url,
+            s3_verify_tls=args.s3_verify_tls,
             split_fractions=_parse_fractions(args.split_fractions),
             split_seed=args.split_seed,
         )

@@ -41,11 +41,12 @@ from data_pipelines._atlas import (
     atlas_exists,
     create_atlas,
     soma_context,
-    staged_atlas,
     write_obs,
     write_var,
     write_x,
 )
+from data_pipelines._commit import CommitInfo, commit, next_timestamp
+from data_pipelines._staging import staged_atlas
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +185,13 @@ def write_synthetic_atlas(
     seed: int = 0,
     chunk_cells: int = 50_000,
     s3_endpoint_url: str | None = None,
+    s3_verify_tls: bool = True,
 ) -> dict:
     """Write a synthetic atlas of `n_cells` x `n_genes` in `n_datasets` contiguous datasets (ds00, ds01, ...).
 
     obs: obs_id, dataset_id, cell_type (the brain10k cluster), split; var: feature_id (SYNG000000, ...),
-    feature_name (the source brain10k symbol), n_cells. Local paths are staged and published atomically.
+    feature_name (the source brain10k symbol), n_cells. One committed write (`_commit.py`): an interrupted
+    one is never read; local paths are in addition staged and published atomically.
 
     Returns:
         A summary with the sizes, nnz, the seed and the wall time in seconds.
@@ -201,7 +204,8 @@ def write_synthetic_atlas(
             f"need cells >= datasets >= 1, genes >= 1, chunk_cells >= 1; got cells={n_cells}, genes={n_genes}, "
             f"datasets={n_datasets}, chunk_cells={chunk_cells}"
         )
-    if atlas_exists(uri, s3_endpoint_url):
+    ctx = soma_context(uri, s3_endpoint_url, s3_verify_tls)
+    if atlas_exists(uri, ctx):
         raise ValueError(f"{uri}: an atlas already exists; remove it first")
     t0 = time.perf_counter()
     model = fit_brain10k_model()
@@ -213,16 +217,17 @@ def write_synthetic_atlas(
     n_cells_per_gene = np.zeros(n_genes, dtype=np.int64)
     datasets, nnz, offset = [], 0, 0
     with staged_atlas(uri) as target:
-        ctx = soma_context(target, s3_endpoint_url)
+        timestamp = next_timestamp(CommitInfo())
         create_atlas(
             target,
             ctx,
             obs_columns=list(_OBS_COLUMNS),
             n_obs=n_cells,
             n_vars=n_genes,
+            timestamp=timestamp,
         )
         with (
-            tiledbsoma.Experiment.open(target, "w", context=ctx) as exp,
+            tiledbsoma.Experiment.open(target, "w", context=ctx, tiledb_timestamp=timestamp) as exp,
             tqdm(total=n_cells, unit="cells", desc="synthetic atlas", file=sys.stderr, disable=None) as bar,
         ):
             for dataset_id, n in zip(dataset_ids, sizes):
@@ -261,10 +266,13 @@ def write_synthetic_atlas(
                 }
             )
             write_var(exp, var)
-            exp.metadata[META_DATASETS] = json.dumps(datasets)
-            exp.metadata[META_LABEL_COLUMNS] = json.dumps(["cell_type", "split"])
-            exp.metadata["synthetic_seed"] = seed
-            exp.metadata["synthetic_model"] = "per-cluster negative binomial fitted on brain10k"
+        metadata = {
+            META_DATASETS: json.dumps(datasets),
+            META_LABEL_COLUMNS: json.dumps(["cell_type", "split"]),
+            "synthetic_seed": seed,
+            "synthetic_model": "per-cluster negative binomial fitted on brain10k",
+        }
+        commit(target, ctx, timestamp, metadata)
     wall = time.perf_counter() - t0
     logger.info(
         "wrote %s: %d cells x %d genes in %d datasets, nnz %d, %.1f s",
@@ -301,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-cells", type=int, default=50_000, help="cells per write (bounds memory)")
     p.add_argument("--s3-endpoint-url", default=None)
+    p.add_argument(
+        "--s3-no-verify-tls", dest="s3_verify_tls", action="store_false", help="skip TLS certificate checks"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -312,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             chunk_cells=args.chunk_cells,
             s3_endpoint_url=args.s3_endpoint_url,
+            s3_verify_tls=args.s3_verify_tls,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,8 @@ class SomaDataConfig:
     """SOMA experiment: a local path, an s3:// URI, or "demo" for the embedded demo atlas (built on first use)."""
     s3_endpoint_url: str | None = None
     """Endpoint override for s3:// URIs (e.g. a local S3-compatible server)."""
+    s3_verify_tls: bool = True
+    """Verify the TLS certificate of https S3 endpoints; false only for a trusted private endpoint."""
     measurement_name: str = "RNA"
     """SOMA measurement holding X."""
     layer_name: str = "raw"
@@ -67,6 +69,8 @@ class SomaDataConfig:
     manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.s3_verify_tls, bool):
+            raise ValueError(f"data.s3_verify_tls must be true or false, got {self.s3_verify_tls!r}")
         if self.micro_batch_size < 1:
             raise ValueError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.num_workers < 0:

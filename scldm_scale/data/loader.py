@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from scldm_scale.config import ConfigError
 from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
 from scldm_scale.data.collate import to_tensors
-from scldm_scale.data.context import make_soma_context
+from scldm_scale.data.context import make_soma_context, open_committed
 from scldm_scale.data.dataset import SomaCellDataset
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
 from scldm_scale.data.reader import nnz_per_cell
@@ -44,9 +44,9 @@ def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledb
         raise ValueError(
             "data.atlas_uri='demo' must be resolved to a path first (data_pipelines.demo.ensure_demo_atlas)"
         )
-    ctx = make_soma_context(uri, cfg.s3_endpoint_url)
+    ctx = make_soma_context(uri, cfg.s3_endpoint_url, verify_tls=cfg.s3_verify_tls)
     try:
-        exp = tiledbsoma.Experiment.open(uri, context=ctx)
+        exp = open_committed(uri, ctx)  # as of the last committed ingest (docs/object_store.md)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
@@ -452,6 +452,7 @@ def build_loader(
             obs = obs.take(np.argsort(joinids, kind="stable"))
         obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
         nnz = nnz_per_cell(exp.ms[cfg.measurement_name].X[cfg.layer_name], obs_joinids)
+        snapshot = exp.tiledb_timestamp_ms  # workers read the state read here
     if label_vocabs is None:
         label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in label_columns}
     else:  # only the run's columns, in their order (the batches' `labels` columns)
@@ -470,6 +471,8 @@ def build_loader(
     spec = LoaderSpec(
         uri=uri,
         s3_endpoint_url=cfg.s3_endpoint_url,
+        s3_verify_tls=cfg.s3_verify_tls,
+        tiledb_timestamp=snapshot,
         measurement_name=cfg.measurement_name,
         layer_name=cfg.layer_name,
         obs_joinids=obs_joinids,

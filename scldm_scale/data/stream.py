@@ -71,6 +71,10 @@ class LoaderSpec:
     rank: int
     world_size: int
     num_workers: int
+    s3_verify_tls: bool = True
+    """Verify the TLS certificate of an https S3 endpoint (`data.s3_verify_tls`)."""
+    tiledb_timestamp: int | None = None
+    """TileDB timestamp (ms) the atlas is read at: the committed snapshot the loader was built from."""
 
     def order(self, epoch: int) -> EpochOrder:
         return EpochOrder(len(self.obs_joinids), self.chunk_cells, self.block_chunks, self.seed, epoch, self.shuffle)
@@ -157,9 +161,9 @@ def _read_units(
         import tiledbsoma
 
         tokens = TokenMap(spec.var_to_token)
-        ctx = make_soma_context(spec.uri, spec.s3_endpoint_url)
+        ctx = make_soma_context(spec.uri, spec.s3_endpoint_url, verify_tls=spec.s3_verify_tls)
         with (
-            tiledbsoma.Experiment.open(spec.uri, context=ctx) as exp,
+            tiledbsoma.Experiment.open(spec.uri, context=ctx, tiledb_timestamp=spec.tiledb_timestamp) as exp,
             ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
         ):
             X = exp.ms[spec.measurement_name].X[spec.layer_name]

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma
 
-from data_pipelines import _atlas
+from data_pipelines import _atlas, _staging
 from data_pipelines.ingest import ingest_anndata, ingest_h5ads
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -117,10 +117,10 @@ def test_default_label_columns_are_text_columns(tmp_path, make_adata):
 
 def test_failure_mid_write_leaves_atlas_byte_identical(base_atlas, make_adata, tree_hash, monkeypatch):
     """A crash after some chunks were written (staging copy half full) publishes nothing."""
-    import data_pipelines.ingest as ingest_mod
+    import data_pipelines._append as append_mod
 
     calls = []
-    real_write_x = ingest_mod.write_x
+    real_write_x = append_mod.write_x
 
     def failing_write_x(*args, **kwargs):
         calls.append(1)
@@ -128,7 +128,7 @@ def test_failure_mid_write_leaves_atlas_byte_identical(base_atlas, make_adata, t
             raise RuntimeError("simulated crash")
         return real_write_x(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_mod, "write_x", failing_write_x)
+    monkeypatch.setattr(append_mod, "write_x", failing_write_x)
     before = tree_hash(base_atlas)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ingest_anndata(base_atlas, [make_adata(n_cells=40, seed=5)], dataset_ids=["x"], chunk_rows=10)
@@ -139,7 +139,7 @@ def test_failure_mid_write_leaves_atlas_byte_identical(base_atlas, make_adata, t
 
 def test_fallback_swap_and_crash_recovery(base_atlas, make_adata, tree_hash, monkeypatch):
     """Without renameat2 the swap is two renames; a crash between them is undone by the next writer."""
-    monkeypatch.setattr(_atlas, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(_staging, "_exchange", lambda a, b: False)
     ingest_anndata(base_atlas, [make_adata(seed=5)], dataset_ids=["two"])
     assert _read(base_atlas)[0]["dataset_id"].nunique() == 2
     published = tree_hash(base_atlas)
@@ -241,12 +241,12 @@ def test_sigkill_mid_write_leaves_old_atlas(base_atlas, make_adata, write_h5ad, 
     path = write_h5ad(make_adata(n_cells=40, seed=12), "victim")
     flag = tmp_path / "wrote_one_chunk"
     code = (
-        "import sys, time, pathlib, data_pipelines.ingest as m\n"
-        "real = m.write_x\n"
+        "import sys, time, pathlib, data_pipelines.ingest, data_pipelines._append as w\n"
+        "real = w.write_x\n"
         "def slow(*a, **k):\n"
         "    real(*a, **k); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)\n"
-        "m.write_x = slow\n"
-        "m.main(['--atlas', sys.argv[2], sys.argv[3], '--chunk-rows', '10'])\n"
+        "w.write_x = slow\n"
+        "data_pipelines.ingest.main(['--atlas', sys.argv[2], sys.argv[3], '--chunk-rows', '10'])\n"
     )
     before = tree_hash(base_atlas)
     proc = subprocess.Popen([sys.executable, "-c", code, str(flag), base_atlas, path], cwd=REPO)
