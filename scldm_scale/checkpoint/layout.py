@@ -1,14 +1,15 @@
 """On-disk layout of checkpoints, state keys, atomic publication and retention.
 
     <run_dir>/checkpoints/step-00001000/      one published checkpoint
-        meta.json                             manifest (written last, before the rename)
+        meta.json                             manifest + file table: size, sha256 (written last, before the rename)
         state.json                            rank-0 JSON state: train state, loader, LR scheduler, EMA scalars
         rng/rank-00000.pt                     per-rank RNG states (tensors and ints only)
         dcp/ | deepspeed/ + tensors.safetensors   engine shards
-    <run_dir>/checkpoints/step-00001000.tmp/  being written; never read; removed by the next save
+    <run_dir>/checkpoints/step-00001000.tmp/  being written; never read; removed on failure or by the next save
 
 A checkpoint is published by one `os.rename` of its finished `.tmp` directory, so a crash while writing
-leaves the previous checkpoint as the latest.
+leaves the previous checkpoint as the latest. Retention runs only after the new checkpoint verified
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Choices, and why:
 - DeepSpeed refuses to load ZeRO-1/2/3 optimizer shards at another data-parallel world size. With
   `engine.zero_reshardable_checkpoints` (default) rank 0 also stores full fp32 params and Adam moments
   (`reshard/*` in the safetensors file), from which a resume at any world size restores the exact state.
+- A file write that fails inside DeepSpeed's `save_checkpoint` (full disk) is raised by `save` only after the
+  save's last collective, so the other ranks are not left waiting in a barrier (the caller agrees on errors).
 - Extra tensors (EMA) are consolidated to full fp32 and written by rank 0 as safetensors, so they load at
   any world size even for ZeRO-3 partitions.
 """
@@ -224,7 +226,8 @@ class DeepSpeedEngine:
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.model.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, save_latest=False)
+        with self._deferred_write_errors() as write_errors:
+            self.model.save_checkpoint(str(path / DS_DIR), tag=DS_TAG, save_latest=False)
         flat = {}
         if self.stage == 0:
             # zero_to_fp32 cannot read stage 0; weights are replicated anyway, so store the fp32 masters.
@@ -236,6 +239,38 @@ class DeepSpeedEngine:
                 flat[f"{key}/{name}"] = t.contiguous()
         if dist.get_rank() == 0 and flat:
             save_file(flat, str(path / TENSORS_FILE))
+        if write_errors:
+            raise write_errors[0]  # only now: every collective of the save has run on every rank
+
+    @contextlib.contextmanager
+    def _deferred_write_errors(self) -> Iterator[list[BaseException]]:
+        """DeepSpeed writes files between collectives (barriers, tag checks); a write that raised would leave
+        the other ranks waiting in the next one. Failed writes are recorded instead and raised by `save`."""
+        errors: list[BaseException] = []
+
+        def deferring(write):
+            @functools.wraps(write)
+            def wrapped(*args, **kwargs):
+                try:
+                    return write(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - re-raised by save() after the collectives
+                    errors.append(exc)
+
+            return wrapped
+
+        ckpt_engine = self.model.checkpoint_engine
+        targets = [(ckpt_engine, "save"), (ckpt_engine, "makedirs"), (self.model, "_copy_recovery_script")]
+        saved = [vars(obj).get(name) for obj, name in targets]  # instance attributes, if any
+        for obj, name in targets:
+            setattr(obj, name, deferring(getattr(obj, name)))
+        try:
+            yield errors
+        finally:
+            for (obj, name), old in zip(targets, saved):
+                if old is None:
+                    delattr(obj, name)  # back to the class's method
+                else:
+                    setattr(obj, name, old)
 
     def _reshard_state(self) -> dict[str, torch.Tensor]:
         """Full fp32 params and Adam moments (collective per parameter; every rank ends up with them)."""

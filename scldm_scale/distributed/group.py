@@ -53,7 +53,7 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     return torch.device(device)
 
 
-def init_distributed(device: str | torch.device = "auto", timeout_seconds: int = 1800) -> DistInfo:
+def init_distributed(device: str | torch.device = "auto", timeout_seconds: float = 600) -> DistInfo:
     """Join (or create) the default process group and pick this rank's device.
 
     Always leaves a process group initialised: nccl on CUDA, gloo on CPU. Without launcher env vars the
@@ -62,7 +62,8 @@ def init_distributed(device: str | torch.device = "auto", timeout_seconds: int =
 
     Args:
         device: `auto`, `cpu`, `cuda` or a torch.device.
-        timeout_seconds: collective timeout.
+        timeout_seconds: collective timeout (`engine.collective_timeout_s`): a collective that a peer never
+            joins (dead rank, lost node) raises after this long instead of hanging.
 
     Returns:
         DistInfo(rank, world_size, local_rank, device).
@@ -143,6 +144,15 @@ def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
         return [obj]
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
     dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def gather_object_all(obj: Any) -> list[Any]:
+    """Every rank's `obj` as a list in rank order, on every rank (pickled in memory between our own ranks)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
