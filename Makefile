@@ -3,8 +3,8 @@ PYTHON ?= python
 INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev,bench]"
 
 # Joint guidance at weight 1 is the plain conditional model: one DiT pass per ODE step instead of additive
-# guidance's three. Measured on the demo model: evaluate.py takes 120 s instead of 206 s, and FD is 51.6
-# instead of 48.3 (benchmarks/README.md, guidance sweep). The demo scores per dataset:
+# guidance's three. Measured on the demo model with its earlier 250-step stage 1: evaluate.py took 120 s instead
+# of 206 s, and FD was 51.6 instead of 48.3 (benchmarks/README.md, guidance sweep). The demo scores per dataset:
 # its cell types have fewer than 30 test cells each (docs/evaluation.md, "Conditions").
 DEMO_SAMPLING = sampling.guidance=joint
 
