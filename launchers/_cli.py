@@ -33,7 +33,8 @@ def parse(argv: list[str] | None, stage: str, description: str) -> tuple[list[st
 
 
 def cli_main(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Run `main(argv or sys.argv[1:])`; a `ConfigError` prints `error: <message>` (one line, no traceback,
+    """Run `main(argv or sys.argv[1:])` and exit with its result's `exit_code` if it has one (75 after a stop
+    signal); a `ConfigError` prints `error: <message>` (one line, no traceback,
     on rank 0 only: env RANK unset or "0") and exits with status 2 on every rank. Other errors propagate.
 
     The config and atlas checks run on every rank before any collective, so every rank raises the same
@@ -41,7 +42,7 @@ def cli_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
     (a rank still in its exit delay ends by its SIGTERM: still non-zero).
     """
     try:
-        main(argv or sys.argv[1:])
+        result = main(argv or sys.argv[1:])
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":
             message = " ".join(str(exc).splitlines())
@@ -49,3 +50,6 @@ def cli_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
         else:
             time.sleep(PEER_EXIT_DELAY_SECONDS)
         sys.exit(CONFIG_ERROR_EXIT)
+    code = getattr(result, "exit_code", 0)
+    if code:  # e.g. 75: stopped by SIGTERM / SIGUSR1 after a checkpoint; run it again to continue
+        sys.exit(code)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from _cli import cli_main, parse
 
 from scldm_scale.config import LDMExperimentConfig, load_config
-from scldm_scale.train.run import run_ldm
+from scldm_scale.train.run import RunResult, run_ldm
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> RunResult:
     paths, overrides = parse(argv, "ldm", "Train the stage-2 latent diffusion model.")
-    run_ldm(load_config(LDMExperimentConfig, paths, overrides))
+    return run_ldm(load_config(LDMExperimentConfig, paths, overrides))
 
 
 if __name__ == "__main__":

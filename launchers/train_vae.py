@@ -13,12 +13,12 @@ from __future__ import annotations
 from _cli import cli_main, parse
 
 from scldm_scale.config import VAEExperimentConfig, load_config
-from scldm_scale.train.run import run_vae
+from scldm_scale.train.run import RunResult, run_vae
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> RunResult:
     paths, overrides = parse(argv, "vae", "Train the stage-1 autoencoder.")
-    run_vae(load_config(VAEExperimentConfig, paths, overrides))
+    return run_vae(load_config(VAEExperimentConfig, paths, overrides))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         latest_checkpoint,
         list_checkpoints,
         resolve_checkpoint,
+        resume_candidate,
     )
     from scldm_scale.checkpoint.manifest import VerifyResult, manifest_digest, verify_checkpoint
     from scldm_scale.checkpoint.rng import reseed, rng_state, set_rng_state
@@ -45,7 +46,8 @@ _WHERE = {
     "io": ("FORMAT_VERSION", "VERIFICATION", "code_version", "load_checkpoint", "load_latest", "read_meta",
            "save_checkpoint"),
     "layout": ("DATALOADER", "EMA", "LR_SCHEDULER", "MODEL", "OPTIMIZER", "RNG", "TRAIN_STATE", "apply_retention",
-               "checkpoint_name", "checkpoints_root", "latest_checkpoint", "list_checkpoints", "resolve_checkpoint"),
+               "checkpoint_name", "checkpoints_root", "latest_checkpoint", "list_checkpoints", "resolve_checkpoint",
+               "resume_candidate"),
     "manifest": ("VerifyResult", "manifest_digest", "verify_checkpoint"),
     "rng": ("reseed", "rng_state", "set_rng_state"),
 }
@@ -77,6 +79,7 @@ __all__ = [
     "read_meta",
     "reseed",
     "resolve_checkpoint",
+    "resume_candidate",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

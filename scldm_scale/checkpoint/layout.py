@@ -14,6 +14,7 @@ leaves the previous checkpoint as the latest. Retention runs only after the new 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -75,6 +76,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The published checkpoint with the highest step, or None."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def resume_candidate(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint `checkpoint.resume` points at, for reading its manifest before the engine exists.
+
+    `never` -> None; a path -> that checkpoint (None when there is none: the loader reports it); `auto` ->
+    the newest checkpoint of `run_dir` whose meta.json parses. Every checkpoint of one run carries the same
+    run identity and stage-1 pin, so a newest one with damaged shards (skipped later by `load_latest`)
+    still answers correctly; its files are not hashed here.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        try:
+            return resolve_checkpoint(resume)
+        except FileNotFoundError:
+            return None
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            json.loads((path / META_FILE).read_text())
+        except (OSError, ValueError):
+            logger.warning("checkpoint %s: unreadable %s, looking at the previous one", path, META_FILE)
+            continue
+        return path
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -20,9 +20,14 @@ class EngineConfig:
     """DeepSpeed: elements per reduce / all-gather bucket (reduce_bucket_size, allgather_bucket_size)."""
     zero_reshardable_checkpoints: bool = True
     """DeepSpeed ZeRO-1/2/3: also store full fp32 params + Adam moments (rank 0) so a resume may change world size."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective waits for a peer before it fails (a dead rank on another node, a hung save). Also
+    the bound on how long the surviving ranks of a multi-node job hang before exiting non-zero."""
     zero_overlap_comm: bool = False
     """DeepSpeed ZeRO-1/2/3: overlap gradient reduction with backward (worth it on GPUs)."""
 
     def __post_init__(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"engine.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         if self.zero_bucket_size < 1:
             raise ValueError(f"engine.zero_bucket_size must be >= 1, got {self.zero_bucket_size}")

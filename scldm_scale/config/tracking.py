@@ -38,7 +38,7 @@ class TrackingConfig:
     request_max_retries: int = 1
     """HTTP retries per MLflow request."""
     retry_interval_seconds: float = 30.0
-    """After a failed MLflow call, buffer everything and try again only after this many seconds."""
+    """After a failed MLflow call, queue records (also in run_dir/mlflow_pending.jsonl); retry after this."""
 
     def __post_init__(self) -> None:
         if self.log_interval_steps < 1:

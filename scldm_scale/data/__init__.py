@@ -13,7 +13,7 @@ match `data.value_filter`):
    from all its chunks, so larger blocks give better-mixed batches for more memory. `shuffle=False` makes
    one chunk per block, unpermuted: a sequential scan.
 3. Partition (`order.py`). The epoch left to read is a list of pieces (block, start, end). It is cut into one
-   contiguous range per rank, each the same number of batches (`data.remainder`: "pad" repeats a rank's first
+   contiguous range per rank, each the same number of batches (`data.remainder`: "pad" repeats a rank's last
    cells, flagged `is_padding`; "drop" leaves at most world_size * micro_batch_size - 1 cells unread), then
    per worker (rank batch j comes from worker j % num_workers, as in a DataLoader's round robin).
    Ranges are disjoint; a block straddling two ranges is read by both (a bounded overlap of one block each).

@@ -132,7 +132,7 @@ def layout(
     """Slots[rank][worker] for `total` cells of work; every rank gets the same number of batches.
 
     "pad": ranks get total // W cells (+1 for the first total % W) and fill their last batch by repeating their
-    own first cells. "drop": every rank gets nb * batch_size cells, the tail of the work is left unread.
+    own last cells (the same ones whether or not the pass was resumed mid-epoch). "drop": every rank gets nb * batch_size cells, the tail of the work is left unread.
     """
     nw = max(1, num_workers)
     nb = rank_num_batches(total, world_size=world_size, batch_size=batch_size, remainder=remainder)
@@ -149,7 +149,10 @@ def layout(
             nb_w = len(range(w, nb, nw))
             real = min(nb_w * batch_size, max(0, m_r - used))
             if real > 0:
-                pad_start, pad_len = rank_start + used, real
+                # Pad from the slot's last cells: a pass resumed mid-epoch still ends with them, so its last
+                # batch repeats the same cells as an uninterrupted pass would.
+                need = min(real, max(1, nb_w * batch_size - real))
+                pad_start, pad_len = rank_start + used + real - need, need
             elif m_r > 0:
                 pad_start, pad_len = rank_start, m_r
             else:

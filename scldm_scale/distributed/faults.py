@@ -183,10 +183,12 @@ def fail_together(
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         message = describe_failure(exc, where())
+        logger.error("%s", message)
         if peer_failures():
-            logger.error("%s", message)
             raise PeerFailure(message) from exc
-        report_failure(message)
+        report_failure(message)  # first to fail, or first to notice a silent death: tell the others
+        if _looks_like_peer_loss(exc):
+            raise PeerFailure(message) from exc
         raise
     finally:
         watch.stop()

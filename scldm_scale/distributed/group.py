@@ -90,8 +90,27 @@ def init_distributed(device: str | torch.device = "auto", timeout_seconds: float
             for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
                 os.environ.setdefault(key, value)
         _OWNS_GROUP = True
+        set_collective_timeout(timeout_seconds)
         logger.info("process group up: backend=%s world_size=%d device=%s", backend, world_size, dev)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Apply `seconds` to every existing process group and make it the default of groups created later.
+
+    Groups made by `new_group` (DeepSpeed's data-parallel group, FSDP meshes) otherwise get torch's own
+    default (30 min on gloo, 10 min on NCCL), not the timeout the default group was created with.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout  # read by new_group at call time
+    c10d.default_pg_nccl_timeout = timeout
+    for group in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timeout, group)
+        except (RuntimeError, AttributeError, ValueError):  # a backend without per-group timeouts
+            logger.debug("could not set the timeout of process group %s", group)
 
 
 def destroy_distributed() -> None:

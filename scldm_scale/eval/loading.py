@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from scldm_scale.checkpoint import EMA, MODEL, load_model_weights, resolve_checkpoint
+from scldm_scale.checkpoint import (
+    EMA,
+    MODEL,
+    load_model_weights,
+    manifest_digest,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from scldm_scale.config import ConfigError, LDMExperimentConfig, VAEExperimentConfig, load_config
 from scldm_scale.config.eval import SamplingConfig
 from scldm_scale.config.tracking import TrackingConfig
@@ -26,7 +33,7 @@ from scldm_scale.data.stats import LibrarySizeStats
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 from scldm_scale.distributed import DistInfo, broadcast_object
 from scldm_scale.models import DiT, LatentStats, TransformerVAE, build_dit, build_vae
-from scldm_scale.tracking import CHECKPOINT_TAG, RUN_DIR_TAG, get_run_tags
+from scldm_scale.tracking import CHECKPOINT_DIGEST_TAG, CHECKPOINT_TAG, get_run_tags
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +136,49 @@ def config_from_yaml(root: type, text: str, source: str):
 
 
 def checkpoint_of_run(tracking: TrackingConfig, run_id: str, dist: DistInfo, key: str) -> str:
-    """The checkpoint (or run_dir) an MLflow run's tags name; looked up on rank 0 and broadcast, so every rank
-    gets the answer or the same `ConfigError` naming `key`."""
+    """The checkpoint an MLflow run's tags name, checked against the digest the run recorded with it.
+
+    A path read from a tracking server is not trusted by itself: the checkpoint is used only when its
+    meta.json has the sha256 the run tagged (`scldm.checkpoint_digest`) and every file it lists matches its
+    size and checksum. Looked up and verified on rank 0 and broadcast, so every rank gets the answer or the
+    same `ConfigError` naming `key`.
+    """
     found: tuple[str | None, str] = (None, "")
     if dist.rank == 0:
         try:
-            tags = get_run_tags(tracking, run_id)
-            path = tags.get(CHECKPOINT_TAG) or tags.get(RUN_DIR_TAG)
-            found = (path, "" if path else f"{key}={run_id!r}: the run has no {CHECKPOINT_TAG} or {RUN_DIR_TAG} tag")
+            found = (_verified_checkpoint_of_run(get_run_tags(tracking, run_id)), "")
         except ValueError as exc:
             found = (None, f"{key}={run_id!r}: {exc}")
     path, error = broadcast_object(found)
     if path is None:
         raise ConfigError(error)
     return path
+
+
+def _verified_checkpoint_of_run(tags: dict[str, str]) -> str:
+    path, digest = tags.get(CHECKPOINT_TAG), tags.get(CHECKPOINT_DIGEST_TAG)
+    if not path:
+        raise ValueError(f"the run has no {CHECKPOINT_TAG} tag (it saved no checkpoint yet)")
+    if not digest:
+        raise ValueError(
+            f"the run names {path} but recorded no {CHECKPOINT_DIGEST_TAG} (written before checkpoints were "
+            "checksummed), so it cannot be verified; pass the checkpoint directory itself if you trust it"
+        )
+    result = verify_checkpoint(path, expected_digest=digest)
+    if not result.ok:
+        raise ValueError(f"checkpoint {path} does not match what the run recorded: {'; '.join(result.problems)}")
+    return path
+
+
+def verified(ckpt: Path) -> Path:
+    """`ckpt` when every file its meta.json lists has the recorded size and checksum, else a ValueError naming
+    the bad files (checkpoints written before checksums pass, with a warning)."""
+    result = verify_checkpoint(ckpt)
+    if not result.ok:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {'; '.join(result.problems)}")
+    for warning in result.warnings:
+        logger.warning("%s: %s", ckpt, warning)
+    return ckpt
 
 
 def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
@@ -153,7 +189,7 @@ def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
     Raises:
         ValueError: when the checkpoint is not a stage-1 autoencoder's.
     """
-    ckpt = resolve_checkpoint(location)
+    ckpt = verified(resolve_checkpoint(location))
     state, meta = load_model_weights(ckpt)
     vae, vocab, _ = _autoencoder(ckpt, state, meta, device)
     return vae, vocab, ckpt, meta
@@ -192,7 +228,7 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
         ckpt = resolve_checkpoint(location)
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"no stage-2 checkpoint at {str(location)!r} ({exc})") from None
-    state, meta = load_model_weights(ckpt, which=MODEL)
+    state, meta = load_model_weights(verified(ckpt), which=MODEL)
     manifest = meta.get("manifest", {})
     if stage1_ok and manifest.get("stage") == "vae":
         return _stage1_only(ckpt, state, meta, device)
@@ -202,6 +238,12 @@ def load_stage2(location: str | Path, *, device: torch.device | str = "cpu", wei
     stage1_path = manifest.get("stage1_checkpoint")
     if not stage1_path or not Path(stage1_path).exists():
         raise ValueError(f"{ckpt}: its stage-1 checkpoint {stage1_path!r} is missing; the stage-2 model needs it to decode")
+    pinned = manifest.get("stage1_digest")
+    if pinned and manifest_digest(stage1_path) != pinned:
+        raise ValueError(
+            f"{ckpt}: its stage-1 checkpoint {stage1_path} changed since stage 2 was trained on it (meta.json sha256 "
+            f"is no longer {pinned[:12]}...); the latents would decode wrongly"
+        )
     vae, gene_vocab, stage1_ckpt, _ = load_autoencoder(stage1_path, device)
     label_vocabs = _label_vocabs(manifest, cfg)
     dit = build_dit(cfg.model, vae.latent_shape, [v.num_classes - 1 for v in label_vocabs.values()])

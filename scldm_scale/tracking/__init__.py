@@ -1,13 +1,16 @@
-"""Experiment tracking: the `MetricLogger` role, a null and a stdout logger, MLflow (rank 0 only), run names,
-and read-only queries that compare runs (`find_runs`, `comparison_table`, `write_table`).
+"""Experiment tracking: the `MetricLogger` role, a null and a stdout logger, MLflow (rank 0 only, durable
+across server outages and job restarts: docs/tracking.md), run names, and read-only queries that compare
+runs (`find_runs`, `comparison_table`, `write_table`).
 
 mlflow is imported lazily: `tracking/mlflow.py` by `build_logger`, and inside the query functions of
 `tracking/runs.py`, so importing this package stays cheap.
 """
 
 from scldm_scale.tracking.base import (
+    CHECKPOINT_DIGEST_TAG,
     CHECKPOINT_TAG,
     RUN_DIR_TAG,
+    RUN_KEY_TAG,
     DatasetInfo,
     FanoutLogger,
     MemoryLogger,
@@ -29,8 +32,10 @@ from scldm_scale.tracking.runs import (
 )
 
 __all__ = [
+    "CHECKPOINT_DIGEST_TAG",
     "CHECKPOINT_TAG",
     "RUN_DIR_TAG",
+    "RUN_KEY_TAG",
     "STAGE_TAG",
     "DatasetInfo",
     "FanoutLogger",

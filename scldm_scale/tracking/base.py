@@ -18,6 +18,10 @@ RUN_DIR_TAG = "scldm.run_dir"
 """Run tag: the absolute run_dir (stage 2 finds stage-1 checkpoints through it)."""
 CHECKPOINT_TAG = "scldm.checkpoint"
 """Run tag: the absolute path of the run's latest checkpoint."""
+CHECKPOINT_DIGEST_TAG = "scldm.checkpoint_digest"
+"""Run tag: sha256 of that checkpoint's meta.json (which lists every file's checksum); loads by run id check it."""
+RUN_KEY_TAG = "scldm.run_key"
+"""Run tag: the client-chosen run key (a resumed job finds its run by it when the run id was never known)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class MetricLogger(Protocol):
     """Role of anything that records a run: params once, metrics per step, files, one close."""
 
     run_id: str | None
+    run_key: str | None
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record the (flattened) configuration and run-time values."""
@@ -68,10 +73,11 @@ class MetricLogger(Protocol):
 
 
 class NullLogger:
-    """Logs nothing; the logger of non-zero ranks (it still carries the job's run id)."""
+    """Logs nothing; the logger of non-zero ranks (it still carries the job's run id and run key)."""
 
-    def __init__(self, run_id: str | None = None) -> None:
+    def __init__(self, run_id: str | None = None, run_key: str | None = None) -> None:
         self.run_id = run_id
+        self.run_key = run_key
 
     def log_params(self, params: dict[str, Any]) -> None:
         """No-op."""
@@ -113,8 +119,8 @@ class StdoutLogger(NullLogger):
 class MemoryLogger(NullLogger):
     """Keeps every metric as `history[name] = [(step, value), ...]` (loss-curve plots, tests)."""
 
-    def __init__(self, run_id: str | None = None) -> None:
-        super().__init__(run_id)
+    def __init__(self, run_id: str | None = None, run_key: str | None = None) -> None:
+        super().__init__(run_id, run_key)
         self.history: dict[str, list[tuple[int, float]]] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -133,6 +139,11 @@ class FanoutLogger:
     def run_id(self) -> str | None:
         """The first run id any child knows."""
         return next((lg.run_id for lg in self.loggers if lg.run_id), None)
+
+    @property
+    def run_key(self) -> str | None:
+        """The first run key any child knows."""
+        return next((lg.run_key for lg in self.loggers if getattr(lg, "run_key", None)), None)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Forward."""
@@ -173,6 +184,7 @@ def build_logger(
     rank: int,
     *,
     run_id: str | None = None,
+    run_key: str | None = None,
     spill_dir: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> MetricLogger:
@@ -181,25 +193,30 @@ def build_logger(
     Args:
         cfg: the `tracking` config section.
         rank: global rank of this process.
-        run_id: an existing MLflow run to continue (resume); None opens a new run.
+        run_id: an existing MLflow run to continue (resume); None = the run tagged with `run_key`, created
+            (with that tag) when none is, possibly later, once the server answers.
+        run_key: the client-side identity of the run (tag `scldm.run_key`), e.g. `uuid4().hex` drawn by a
+            new job and kept in its checkpoints; None = the key of the records left in `spill_dir`, else a
+            new one.
         spill_dir: folder (the run_dir) where records that could not reach the server are kept
-            and picked up again by the next job.
+            and picked up again by the next job continuing the run.
         tags: tags set when the run is opened.
 
     Returns:
-        A `MetricLogger`. Non-zero ranks get `NullLogger(run_id)`; broadcast rank 0's `run_id` to fill it.
+        A `MetricLogger` whose `run_id` may stay None until the server answers and whose `run_key` is the one
+        in use. Non-zero ranks get `NullLogger(run_id, run_key)`; broadcast rank 0's values to fill them.
     """
     if rank != 0:
-        return NullLogger(run_id)
-    loggers: list[MetricLogger] = [StdoutLogger(run_id)] if cfg.enable_stdout else []
+        return NullLogger(run_id, run_key)
+    loggers: list[MetricLogger] = [StdoutLogger(run_id, run_key)] if cfg.enable_stdout else []
     if cfg.backend == "mlflow":
         from scldm_scale.tracking.mlflow import MLflowLogger  # mlflow is slow to import; rank 0 only
 
-        loggers.append(MLflowLogger(cfg, run_id=run_id, spill_dir=spill_dir, tags=tags))
+        loggers.append(MLflowLogger(cfg, run_id=run_id, run_key=run_key, spill_dir=spill_dir, tags=tags))
     elif cfg.backend == "stdout" and not cfg.enable_stdout:
-        loggers.append(StdoutLogger(run_id))
+        loggers.append(StdoutLogger(run_id, run_key))
     if not loggers:
-        return NullLogger(run_id)
+        return NullLogger(run_id, run_key)
     return loggers[0] if len(loggers) == 1 else FanoutLogger(loggers)
 
 

@@ -16,6 +16,13 @@ from typing import Any
 
 import torch
 
+from scldm_scale.checkpoint import (
+    manifest_digest,
+    read_meta,
+    resolve_checkpoint,
+    resume_candidate,
+    verify_checkpoint,
+)
 from scldm_scale.config import (
     ConfigError,
     LDMExperimentConfig,
@@ -55,6 +62,8 @@ class Stage1:
     """Resolved stage-1 config."""
     run_id: str | None
     """Stage-1 MLflow run, if any."""
+    digest: str = ""
+    """sha256 of the checkpoint's meta.json (pinned in every stage-2 manifest)."""
     latent_stats: LatentStats | None = None
     """Scalar latent normalisation (flow.latent_normalization=standardize), fitted on cached latents."""
     tags: dict[str, str] = field(default_factory=dict)
@@ -62,18 +71,66 @@ class Stage1:
 
 
 def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None]:
-    """(run_dir or checkpoint path, stage-1 run id); an MLflow run id is looked up on rank 0 only."""
+    """(run_dir or checkpoint path, stage-1 run id): the stage-1 checkpoint a resumed stage 2 was trained on
+    (pinned in its manifest), else `stage1.mlflow_run_id` (looked up on rank 0) or `stage1.checkpoint`."""
+    pinned = pinned_stage1(cfg, dist)
+    if pinned is not None:
+        return pinned
     run_id = cfg.stage1.mlflow_run_id
     if run_id is None:
         return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None
     return checkpoint_of_run(cfg.tracking, run_id, dist, "stage1.mlflow_run_id"), run_id
 
 
+def pinned_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None] | None:
+    """The stage-1 checkpoint (path, run id) pinned by the stage-2 checkpoint this job will resume, or None.
+
+    Checked on rank 0 against the digest pinned with it; every rank gets the answer or the same ConfigError.
+    A stage-2 run resumed on another autoencoder would decode its latents wrongly, so a changed or missing
+    stage-1 checkpoint stops the job instead of being re-resolved to whatever is newest.
+    """
+    found: tuple[tuple[str, str | None] | None, str] = (None, "")
+    if dist.rank == 0:
+        try:
+            found = (_pinned_on_rank0(cfg), "")
+        except ValueError as exc:
+            found = (None, str(exc))
+    pinned, error = broadcast_object(found)
+    if error:
+        raise ConfigError(error)
+    return pinned
+
+
+def _pinned_on_rank0(cfg: LDMExperimentConfig) -> tuple[str, str | None] | None:
+    stage2 = resume_candidate(cfg.checkpoint.resume, cfg.train.run_dir)
+    if stage2 is None:
+        return None
+    manifest = read_meta(stage2).get("manifest", {})
+    path, digest = manifest.get("stage1_checkpoint"), manifest.get("stage1_digest")
+    if not path:
+        return None
+    if not digest:
+        logger.warning("%s pins stage-1 checkpoint %s without a digest (older run): not verified", stage2, path)
+        return path, manifest.get("stage1_run_id")
+    result = verify_checkpoint(path, expected_digest=digest)
+    if not result.ok:
+        raise ValueError(
+            f"stage 2 resumes from {stage2}, which was trained on the stage-1 checkpoint {path} (meta.json sha256 "
+            f"{digest[:12]}...); that checkpoint changed or is gone: {'; '.join(result.problems)}. Restore it, or "
+            "start stage 2 anew in another train.run_dir (or checkpoint.resume=never with train.overwrite=true)"
+        )
+    configured = cfg.stage1.checkpoint
+    if configured and Path(configured).exists() and resolve_checkpoint(configured).resolve() != Path(path).resolve():
+        logger.warning("stage1.checkpoint=%s ignored: the resumed stage 2 is pinned to %s", configured, path)
+    return path, manifest.get("stage1_run_id")
+
+
 def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
     """Load the stage-1 autoencoder (any engine, any world size), freeze it, move it to this rank's device.
 
     Raises:
-        ConfigError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found.
+        ConfigError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found, or
+            when the stage-1 checkpoint pinned by a resumed stage 2 changed.
     """
     location, run_id = _stage1_location(cfg, dist)
     key = "stage1.mlflow_run_id" if cfg.stage1.mlflow_run_id else "stage1.checkpoint"
@@ -91,7 +148,7 @@ def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
         run_id,
     )
     tags = {"scldm.stage": "ldm", STAGE1_CHECKPOINT_TAG: str(ckpt.resolve()), STAGE1_RUN_ID_TAG: str(run_id)}
-    return Stage1(ckpt, vae, gene_vocab, manifest["config_yaml"], run_id, tags=tags)
+    return Stage1(ckpt, vae, gene_vocab, manifest["config_yaml"], run_id, digest=manifest_digest(ckpt), tags=tags)
 
 
 def check_vocabulary(data_cfg: SomaDataConfig, atlas_uri: str, stage1: Stage1) -> None:

@@ -141,10 +141,12 @@ def write_index(cache_dir: str | Path, *, world_size: int, key: dict[str, Any]) 
 class LatentCacheLoader:
     """Batches of cached latents for one rank, with the loader's epoch and position semantics.
 
-    Every epoch is a seeded permutation of all cached cells (a pure function of seed and epoch); rank r
-    takes positions r, r + world, ... truncated so every rank has the same number of batches (a rank
-    must never wait on a collective its peers skip). `state_dict()` is (epoch, batches yielded), so a
-    resumed job continues mid-epoch exactly where it stopped.
+    Every epoch is a seeded permutation of all cached cells (a pure function of seed and epoch). Each step
+    takes the next `micro_batch_size * world_size` cells of it, rank r the positions r, r + world, ...; the
+    last step of an epoch is shortened so every rank gets the same number of cells (a rank must never wait
+    on a collective its peers skip; fewer than `world_size` cells are left out). `state_dict()` is (epoch,
+    cells consumed in the epoch over all ranks), the same on every rank, so a job resumed at another world
+    size continues with exactly the cells that were not yet consumed.
 
     Args:
         cache_dir: folder holding `index.json` and the shards.
@@ -177,7 +179,7 @@ class LatentCacheLoader:
         self.num_cells = int(order.numel())
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
-        self.epoch, self.position = 0, 0
+        self.epoch, self.cells = 0, 0
         if self.num_cells < world_size:
             raise ValueError(f"latent cache has {self.num_cells} cells for {world_size} ranks")
 
@@ -197,35 +199,40 @@ class LatentCacheLoader:
         return self.latents(torch.arange(min(n, self.num_cells)))
 
     def __len__(self) -> int:
-        """Batches per epoch on every rank."""
-        per_rank = self.num_cells // self.world_size
-        return -(-per_rank // self.micro_batch_size)
+        """Batches per epoch on every rank (from the start of an epoch)."""
+        step = self.micro_batch_size * self.world_size
+        full = self.num_cells // step
+        return full + (1 if (self.num_cells - full * step) // self.world_size else 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch."""
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.cells = epoch, 0
 
-    def _rank_order(self) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            perm = torch.randperm(self.num_cells, generator=g)
-        else:
-            perm = torch.arange(self.num_cells)
-        per_rank = self.num_cells // self.world_size
-        return perm[self.rank :: self.world_size][:per_rank]
+    def _epoch_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_cells)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_cells, generator=g)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self._rank_order()
-        while self.position < len(self):
-            start = self.position * self.micro_batch_size
-            idx = order[start : start + self.micro_batch_size]
-            self.position += 1
+        order, world = self._epoch_order(), self.world_size
+        while (per_rank := min(self.micro_batch_size, (self.num_cells - self.cells) // world)) > 0:
+            idx = order[self.cells + self.rank : self.cells + per_rank * world : world]
+            self.cells += per_rank * world
             yield {LATENTS: self.latents(idx), **{k: v[idx] for k, v in self.meta.items()}}
 
     def state_dict(self) -> dict[str, int]:
-        """Epoch and batches already yielded in it."""
-        return {"epoch": self.epoch, "position": self.position}
+        """Epoch and cells consumed in it over all ranks (world-size independent)."""
+        return {"epoch": self.epoch, "cells": self.cells}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue after the last yielded batch."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continue after the last consumed cell, at any world size."""
+        if "cells" not in state:
+            raise ValueError(
+                f"latent cache loader state {state} predates world-size independent resume (it has no 'cells'); "
+                "resume that stage-2 run with the code version that wrote it, or start it again"
+            )
+        cells = int(state["cells"])
+        if not 0 <= cells <= self.num_cells:
+            raise ValueError(f"latent cache loader state: cells={cells} outside 0..{self.num_cells} (another cache?)")
+        self.epoch, self.cells = int(state["epoch"]), cells

@@ -26,6 +26,7 @@ from scldm_scale.checkpoint import (
     export_safetensors,
     load_checkpoint,
     load_latest,
+    manifest_digest,
     save_checkpoint,
 )
 from scldm_scale.config.checkpoint import CheckpointConfig
@@ -38,7 +39,9 @@ from scldm_scale.distributed import (
     get_rank,
     get_world_size,
 )
+from scldm_scale.tracking import CHECKPOINT_DIGEST_TAG, CHECKPOINT_TAG
 from scldm_scale.train.ema import EMA as EMAWeights
+from scldm_scale.train.preemption import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class TrainResult:
     """Cells consumed over all ranks, whole run."""
     last_checkpoint: Path | None = None
     """Checkpoint written last by this call."""
+    stopped_by: str | None = None
+    """Name of the signal that stopped training early (after a checkpoint), None when it ran to the end."""
 
 
 @dataclass
@@ -92,6 +97,8 @@ class StepOutput:
     """Cells in this step over all ranks."""
     skipped: bool
     """True when the step was skipped."""
+    stop: bool = False
+    """True when some rank was asked to stop (a signal): every rank sees the same value."""
 
 
 class Trainer:
@@ -110,6 +117,8 @@ class Trainer:
         ema: optional `scldm_scale.train.ema.EMA`, updated after each applied step and checkpointed.
         hooks: callables `hook(trainer)` run after every step (rank-symmetric; they may use collectives).
         log_interval_steps: `tracking.log_interval_steps`.
+        stop_signals: optional `StopSignals`; once any rank has received one, every rank stops after the same
+            step with a checkpoint (`TrainResult.stopped_by`).
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class Trainer:
         ema: EMAWeights | None = None,
         hooks: Iterable[Hook] | None = None,
         log_interval_steps: int = 10,
+        stop_signals: StopSignals | None = None,
     ) -> None:
         self.engine = engine
         self.step_fn = step_fn
@@ -138,6 +148,7 @@ class Trainer:
         self.ema = ema
         self.hooks = list(hooks or [])
         self.log_interval_steps = log_interval_steps
+        self.stop_signals = stop_signals
         self.step = 0
         self.cells_seen = 0
         self.skipped_steps = 0
@@ -162,20 +173,25 @@ class Trainer:
                 data_seconds += time.perf_counter() - t0
             out = self.train_step(micro_batches)
             self.step += 1
+            out.stop = out.stop and self.step < stop_at  # a request on the last step changes nothing
             self.cells_seen += out.cells
             result.losses.append(out.loss)
             result.grad_norms.append(float(out.grad_norm))  # already synced by the finite check
             window.add(out, data_seconds)
             for hook in self.hooks:
                 hook(self)
-            if self.step % self.log_interval_steps == 0 or self.step == stop_at:
+            if self.step % self.log_interval_steps == 0 or self.step == stop_at or out.stop:
                 self._log(window, out)
                 window = _Window()
-            if self.step % self.cfg_ckpt.interval_steps == 0 or self.step == max_steps:
+            if self.step % self.cfg_ckpt.interval_steps == 0 or self.step == max_steps or out.stop:
                 self.save()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out.loss:.4g}", refresh=False)
+            if out.stop:
+                result.stopped_by = self._stop_name()
+                logger.warning("stopped at step %d (%s): checkpoint %s", self.step, result.stopped_by, self.last_checkpoint)
+                break
         if bar is not None:
             bar.close()
         if self.step == max_steps and self.cfg_ckpt.enable_export_at_end and self.last_checkpoint is not None:
@@ -203,10 +219,12 @@ class Trainer:
             cells += _num_cells(batch)
         loss = loss_sum / len(micro_batches)
         grad_norm = engine.clip_grad_norm(engine.grad_clip_norm)
-        # Every rank must agree before stepping: sum (loss, non-finite flag, cells) over ranks in one call.
+        # Every rank must agree before stepping: sum (loss, non-finite flag, cells, stop request) over ranks
+        # in one call, so a signal that reached one rank stops them all after this same step.
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
-        reduced = all_reduce_sum(torch.stack([loss, bad, torch.tensor(float(cells), device=engine.device)]))
-        global_loss, n_bad, global_cells = reduced.tolist()  # host sync, every step: the skip decision needs it
+        host = torch.tensor([float(cells), float(self._stop_requested())], device=engine.device)
+        reduced = all_reduce_sum(torch.cat([torch.stack([loss, bad.to(loss.dtype)]), host.to(loss.dtype)]))
+        global_loss, n_bad, global_cells, n_stop = reduced.tolist()  # host sync, every step: the skip decision needs it
         global_loss /= get_world_size()
         skipped = n_bad > 0
         if skipped:
@@ -216,9 +234,16 @@ class Trainer:
             engine.step()
             if self.ema is not None:
                 self.ema.update()
-        return StepOutput(global_loss, grad_norm.detach(), terms, int(global_cells), skipped)
+        return StepOutput(global_loss, grad_norm.detach(), terms, int(global_cells), skipped, stop=n_stop > 0)
 
     # ------------------------------------------------------------------ helpers
+    def _stop_requested(self) -> bool:
+        return self.stop_signals is not None and self.stop_signals.requested
+
+    def _stop_name(self) -> str:
+        received = self.stop_signals.received if self.stop_signals is not None else None
+        return received.name if received is not None else "a peer's stop request"
+
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         step = self.step + 1
         message = f"non-finite loss or gradient norm at step {step} (loss={loss}, grad_norm={grad_norm})"
@@ -241,11 +266,12 @@ class Trainer:
     def _log(self, window: _Window, last: StepOutput) -> None:
         """Reduce the window's metrics across ranks and log them (host syncs happen here, on log steps)."""
         names = sorted(window.terms)
+        device = self.engine.device  # every collective's tensor lives on the engine's device (NCCL needs it)
         local = torch.stack([window.terms[n] / max(1, window.steps) for n in names]) if names else None
-        terms = all_reduce_mean(local).tolist() if local is not None else []  # host sync: log step
+        terms = all_reduce_mean(local.to(device)).tolist() if local is not None else []  # host sync: log step
         elapsed = max(window.elapsed(), 1e-9)
-        data_frac = all_reduce_max(torch.tensor(window.data_seconds / elapsed)).item()  # host sync: log step
-        rss = all_reduce_max(torch.tensor(_rss_gb())).item()
+        host = torch.tensor([window.data_seconds / elapsed, _rss_gb()], device=device)
+        data_frac, rss = all_reduce_max(host).tolist()  # host sync: log step
         metrics = {
             "train/loss": sum(window.losses) / max(1, len(window.losses)),
             "train/grad_norm": float(last.grad_norm),
@@ -304,6 +330,9 @@ class Trainer:
 
     def save(self) -> Path:
         """Write and publish a checkpoint of the current step (collective)."""
+        run_id = getattr(self.metric_logger, "run_id", None)
+        if run_id is not None and "mlflow_run_id" in self.manifest:  # known now if the server was down at start
+            self.manifest["mlflow_run_id"] = run_id
         self.last_checkpoint = save_checkpoint(
             self.engine,
             self.run_dir,
@@ -313,6 +342,10 @@ class Trainer:
             tensors=self._tensors(),
             keep_latest_k=self.cfg_ckpt.keep_latest_k,
         )
+        if get_rank() == 0 and hasattr(self.metric_logger, "set_tags"):
+            # Where the run's newest checkpoint is, and the digest a load by run id checks it against.
+            ckpt = self.last_checkpoint.resolve()
+            self.metric_logger.set_tags({CHECKPOINT_TAG: str(ckpt), CHECKPOINT_DIGEST_TAG: manifest_digest(ckpt)})
         return self.last_checkpoint
 
     def resume(self) -> bool:

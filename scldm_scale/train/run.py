@@ -12,14 +12,22 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from scldm_scale.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
-from scldm_scale.config import LDMExperimentConfig, SomaDataConfig, VAEExperimentConfig, to_flat_dict, to_yaml
+from scldm_scale.checkpoint import read_meta, resume_candidate
+from scldm_scale.config import (
+    ConfigError,
+    LDMExperimentConfig,
+    SomaDataConfig,
+    VAEExperimentConfig,
+    to_flat_dict,
+    to_yaml,
+)
 from scldm_scale.config.data import DEMO_ATLAS
 from scldm_scale.config.experiment import check_guidance_weights
 from scldm_scale.data.loader import SomaLoader, build_loader
@@ -31,10 +39,10 @@ from scldm_scale.distributed import (
     destroy_distributed,
     init_distributed,
 )
+from scldm_scale.distributed.faults import fail_together
 from scldm_scale.eval import report
 from scldm_scale.models import build_dit, build_vae, num_parameters
 from scldm_scale.tracking import (
-    CHECKPOINT_TAG,
     RUN_DIR_TAG,
     DatasetInfo,
     FanoutLogger,
@@ -44,10 +52,12 @@ from scldm_scale.tracking import (
     build_logger,
 )
 from scldm_scale.train import handoff
+from scldm_scale.train import run_dir as run_dirs
 from scldm_scale.train.ema import EMA
 from scldm_scale.train.ldm_step import ldm_step
 from scldm_scale.train.loop import Trainer, TrainResult
 from scldm_scale.train.optim import build_engine, peak_lr
+from scldm_scale.train.preemption import EXIT_PREEMPTED, StopSignals, parse_signals
 from scldm_scale.train.vae_step import vae_step
 from scldm_scale.utils import seed_everything, setup_logging
 
@@ -69,6 +79,11 @@ class RunResult:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Logged metrics by name: [(step, value), ...] (rank 0)."""
 
+    @property
+    def exit_code(self) -> int:
+        """0 when training reached train.max_steps; `EXIT_PREEMPTED` (75) when a signal stopped it after a checkpoint."""
+        return EXIT_PREEMPTED if self.train.stopped_by else 0
+
 
 @dataclass
 class TrainingData:
@@ -89,12 +104,12 @@ class TrainingData:
         return [self.loader.label_vocabs[c].num_classes - 1 for c in self.loader.label_vocabs]
 
 
-def _init(device: str) -> DistInfo:
+def _init(cfg: ExperimentConfig) -> DistInfo:
     """Logging and the process group; a plain `python` launch becomes a one-process job."""
     # DeepSpeed insists on LOCAL_RANK even for one process; torchrun / deepspeed set it, plain python does not.
     os.environ.setdefault("LOCAL_RANK", "0")
     setup_logging()
-    return init_distributed(device)
+    return init_distributed(cfg.train.device, timeout_seconds=cfg.engine.collective_timeout_s)
 
 
 def _build_engine(cfg: ExperimentConfig, model: nn.Module, dist: DistInfo) -> TrainEngine:
@@ -110,39 +125,72 @@ def _build_engine(cfg: ExperimentConfig, model: nn.Module, dist: DistInfo) -> Tr
     )
 
 
-def run_vae(cfg: VAEExperimentConfig) -> RunResult:
-    """Train the stage-1 autoencoder on `cfg.data` (the embedded demo atlas by default)."""
-    dist = _init(cfg.train.device)
-    tracker: MetricLogger = NullLogger()
+@dataclass
+class _Job:
+    """What teardown needs from a job body: the tracker to close and where training had got to."""
+
+    dist: DistInfo
+    stops: StopSignals
+    tracker: MetricLogger = field(default_factory=NullLogger)
+    trainer: Trainer | None = None
+
+    def where(self) -> str:
+        return f"at step {self.trainer.step + 1}" if self.trainer is not None else "before training"
+
+
+def _run_job(cfg: ExperimentConfig, body: Callable[[ExperimentConfig, _Job], RunResult]) -> RunResult:
+    """Set up, run `body`, tear down: the shared frame of `run_vae` and `run_ldm`.
+
+    A failure on any rank ends every rank (`fail_together`: the message names the rank and step); a stop
+    signal ends the job after a checkpoint (`RunResult.exit_code` = `EXIT_PREEMPTED`); the MLflow run is
+    closed FINISHED, KILLED or FAILED, and the process group destroyed, in every case.
+    """
+    dist = _init(cfg)
+    job = _Job(dist=dist, stops=StopSignals(parse_signals(cfg.train.stop_signals)).install())
     status = "FAILED"
     try:
-        seed_everything(cfg.train.seed)
-        data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
-        model = build_vae(cfg.model, data.gene_vocab.num_genes)
-        n_params = num_parameters(model)  # before the engine shards it (ZeRO-3 leaves empty local tensors)
-        engine = _build_engine(cfg, model, dist)
-        tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
-        log_run_start(tracker, cfg, dist, data, extra={"run.num_parameters": n_params})
-        trainer = Trainer(
-            engine=engine,
-            step_fn=vae_step,
-            loader=data.loader,
-            logger=tracker,
-            cfg_train=cfg.train,
-            cfg_ckpt=cfg.checkpoint,
-            run_dir=cfg.train.run_dir,
-            log_interval_steps=cfg.tracking.log_interval_steps,
-            manifest=build_manifest(cfg, data, tracker.run_id, dist),
-        )
-        result = finish(tracker, cfg, dist, trainer.train())
-        status = "FINISHED"
+        with fail_together(job.where, grace_s=min(30.0, cfg.engine.collective_timeout_s), agreed=(ConfigError,)):
+            seed_everything(cfg.train.seed)
+            run_dirs.check_shared(cfg.train.run_dir, dist.rank)
+            run_dirs.claim(cfg.train.run_dir, cfg.checkpoint.resume, overwrite=cfg.train.overwrite, rank=dist.rank)
+            result = body(cfg, job)
+        status = "KILLED" if result.train.stopped_by else "FINISHED"
         return result
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracker.close(status)
+        job.stops.restore()
+        job.tracker.close(status)
         destroy_distributed()
+
+
+def run_vae(cfg: VAEExperimentConfig) -> RunResult:
+    """Train the stage-1 autoencoder on `cfg.data` (the embedded demo atlas by default)."""
+    return _run_job(cfg, _train_vae)
+
+
+def _train_vae(cfg: VAEExperimentConfig, job: _Job) -> RunResult:
+    dist = job.dist
+    data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
+    model = build_vae(cfg.model, data.gene_vocab.num_genes)
+    n_params = num_parameters(model)  # before the engine shards it (ZeRO-3 leaves empty local tensors)
+    engine = _build_engine(cfg, model, dist)
+    job.tracker = tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
+    log_run_start(tracker, cfg, dist, data, extra={"run.num_parameters": n_params})
+    job.trainer = trainer = Trainer(
+        engine=engine,
+        step_fn=vae_step,
+        loader=data.loader,
+        logger=tracker,
+        cfg_train=cfg.train,
+        cfg_ckpt=cfg.checkpoint,
+        run_dir=cfg.train.run_dir,
+        log_interval_steps=cfg.tracking.log_interval_steps,
+        manifest=build_manifest(cfg, data, tracker, dist),
+        stop_signals=job.stops,
+    )
+    return finish(tracker, cfg, dist, trainer.train())
 
 
 def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
@@ -152,60 +200,54 @@ def run_ldm(cfg: LDMExperimentConfig) -> RunResult:
     its gene vocabulary must be in the atlas. Latents are cached once when they fit `latent_cache.max_bytes`
     (or with `latent_cache.mode=always`), else encoded on the fly every step.
     """
-    dist = _init(cfg.train.device)
-    tracker: MetricLogger = NullLogger()
-    status = "FAILED"
-    try:
-        seed_everything(cfg.train.seed)
-        stage1 = handoff.load_stage1(cfg, dist)
-        data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
-        check_guidance_weights(cfg, data.loader.label_columns)
-        loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
-        dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
-        n_params = num_parameters(dit)
-        engine = _build_engine(cfg, dit, dist)
-        ema = EMA(
-            engine,
-            decay=cfg.flow.ema_decay,
-            warmup_steps=cfg.flow.ema_update_after_step,
-            update_every=cfg.flow.ema_update_every,
-            ramp=cfg.flow.ema_decay_ramp,
-        )
-        tracker = open_tracker(cfg, dist, tags=stage1.tags)
-        log_run_start(
-            tracker,
-            cfg,
-            dist,
-            data,
-            extra={"run.num_parameters": n_params, "run.latent_cache": loader is not data.loader},
-        )
-        step_fn = functools.partial(ldm_step, vae=stage1.vae, latent_stats=stage1.latent_stats)
-        manifest = build_manifest(cfg, data, tracker.run_id, dist, stage1=stage1)
-        trainer = Trainer(
-            engine=engine,
-            step_fn=step_fn,
-            loader=loader,
-            logger=tracker,
-            cfg_train=cfg.train,
-            cfg_ckpt=cfg.checkpoint,
-            run_dir=cfg.train.run_dir,
-            ema=ema,
-            log_interval_steps=cfg.tracking.log_interval_steps,
-            manifest=manifest,
-        )
-        train_result = trainer.train()
+    return _run_job(cfg, _train_ldm)
+
+
+def _train_ldm(cfg: LDMExperimentConfig, job: _Job) -> RunResult:
+    dist = job.dist
+    stage1 = handoff.load_stage1(cfg, dist)
+    data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
+    check_guidance_weights(cfg, data.loader.label_columns)
+    loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
+    dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
+    n_params = num_parameters(dit)
+    engine = _build_engine(cfg, dit, dist)
+    ema = EMA(
+        engine,
+        decay=cfg.flow.ema_decay,
+        warmup_steps=cfg.flow.ema_update_after_step,
+        update_every=cfg.flow.ema_update_every,
+        ramp=cfg.flow.ema_decay_ramp,
+    )
+    job.tracker = tracker = open_tracker(cfg, dist, tags=stage1.tags)
+    log_run_start(
+        tracker,
+        cfg,
+        dist,
+        data,
+        extra={"run.num_parameters": n_params, "run.latent_cache": loader is not data.loader},
+    )
+    step_fn = functools.partial(ldm_step, vae=stage1.vae, latent_stats=stage1.latent_stats)
+    manifest = build_manifest(cfg, data, tracker, dist, stage1=stage1)
+    job.trainer = trainer = Trainer(
+        engine=engine,
+        step_fn=step_fn,
+        loader=loader,
+        logger=tracker,
+        cfg_train=cfg.train,
+        cfg_ckpt=cfg.checkpoint,
+        run_dir=cfg.train.run_dir,
+        ema=ema,
+        log_interval_steps=cfg.tracking.log_interval_steps,
+        manifest=manifest,
+        stop_signals=job.stops,
+    )
+    train_result = trainer.train()
+    if not train_result.stopped_by:  # a stopped job evaluates when it finishes, after its resume
         report.evaluate_generation(
             tracker, cfg, dist, engine=engine, ema=ema, stage1=stage1, data=data, manifest=manifest
         )
-        result = finish(tracker, cfg, dist, train_result)
-        status = "FINISHED"
-        return result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.close(status)
-        destroy_distributed()
+    return finish(tracker, cfg, dist, train_result)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -234,49 +276,52 @@ def open_training_data(
     return TrainingData(atlas_uri=uri, loader=loader)
 
 
-def _resumed_run_id(cfg: ExperimentConfig) -> str | None:
-    """MLflow run id stored in the checkpoint this job will resume from (rank 0; None = a new run)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        return None
-    try:
-        ckpt = latest_checkpoint(cfg.train.run_dir) if mode == "auto" else resolve_checkpoint(mode)
-    except (FileNotFoundError, ValueError):
-        return None  # the Trainer reports a bad checkpoint.resume on every rank
+def _resumed_run_id(cfg: ExperimentConfig) -> tuple[str | None, str | None] | None:
+    """(MLflow run id, run key) in the checkpoint this job will resume from (rank 0; None = no checkpoint).
+
+    Either may be None: the run id when the server was down until that checkpoint, the key in older checkpoints.
+    """
+    ckpt = resume_candidate(cfg.checkpoint.resume, cfg.train.run_dir)
     if ckpt is None:
-        return None
-    return read_meta(ckpt).get("manifest", {}).get("mlflow_run_id")
+        return None  # nothing to resume, or a bad checkpoint.resume the Trainer reports on every rank
+    manifest = read_meta(ckpt).get("manifest", {})
+    return manifest.get("mlflow_run_id"), manifest.get("mlflow_run_key")
 
 
 def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str]) -> MetricLogger:
-    """One MLflow run per job: rank 0 opens (or, on resume, continues) it; every rank learns its id.
+    """One MLflow run per job: rank 0 opens (or, on resume, continues) it; every rank learns its id and key.
 
+    A new job draws a run key (`tracker.run_key`, for the checkpoint manifest's `mlflow_run_key`); a resumed
+    job passes the checkpoint's run id and key, so a run the server never saw before that checkpoint is found
+    by its key (or created with it) instead of forked. `tracker.run_id` is None while the server is down.
     Rank 0 also keeps the metric history in memory for the end-of-run plots. A new run is named
     `<stage>-<preset>-<time>` unless `tracking.run_name` is set; a resumed run keeps its name.
     """
     import dataclasses
+    import uuid
 
     from scldm_scale.tracking import STAGE_TAG, default_run_name
 
-    found: tuple[str | None, str] = (None, "")
+    found: tuple[str | None, str | None, str] = (None, None, "")
     if dist.rank == 0:
         run_dir = Path(cfg.train.run_dir).resolve()
         tags = {**tags, RUN_DIR_TAG: str(run_dir), "scldm.engine": cfg.engine.name}
         try:
-            run_id = _resumed_run_id(cfg)
+            resumed = _resumed_run_id(cfg)
+            run_id, run_key = resumed if resumed is not None else (None, uuid.uuid4().hex)
             tracking = cfg.tracking
             if run_id is None and tracking.run_name is None:
                 name = default_run_name(tags.get(STAGE_TAG, "run"), str(run_dir))
                 tracking = dataclasses.replace(tracking, run_name=name)
-            real = build_logger(tracking, 0, run_id=run_id, spill_dir=str(run_dir), tags=tags)
+            real = build_logger(tracking, 0, run_id=run_id, run_key=run_key, spill_dir=str(run_dir), tags=tags)
             tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
-            found = (tracker.run_id, "")
+            found = (tracker.run_id, tracker.run_key or run_key, "")
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so none waits forever
-            found = (None, f"{type(exc).__name__}: {exc}")
-    run_id, error = broadcast_object(found)
+            found = (None, None, f"{type(exc).__name__}: {exc}")
+    run_id, run_key, error = broadcast_object(found)
     if error:
         raise RuntimeError(f"opening the tracker failed on rank 0: {error}")
-    return tracker if dist.rank == 0 else NullLogger(run_id)
+    return tracker if dist.rank == 0 else NullLogger(run_id, run_key)
 
 
 def log_run_start(
@@ -328,18 +373,22 @@ def dataset_info(data_cfg: SomaDataConfig, data: TrainingData) -> DatasetInfo:
 def build_manifest(
     cfg: ExperimentConfig,
     data: TrainingData,
-    run_id: str | None,
+    tracker: MetricLogger,
     dist: DistInfo,
     stage1: handoff.Stage1 | None = None,
 ) -> dict[str, Any]:
-    """What every checkpoint carries: config, vocabularies, MLflow run id (and stage-1 lineage).
+    """What every checkpoint carries: config, vocabularies, MLflow run id and run key (and stage-1 lineage).
+
+    The run key finds the MLflow run again on resume even when the server was down when the job started
+    (the run id is then None until the server answers; the Trainer refreshes it at every save).
 
     Only rank 0 writes `meta.json`, so only rank 0 streams cells for the library-size statistics.
     """
     manifest = {
         "stage": "ldm" if stage1 else "vae",
         "config_yaml": to_yaml(cfg),
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_run_key": tracker.run_key,
         "gene_vocab": data.gene_vocab.to_json(),
         "atlas_uri": data.atlas_uri,
         "label_vocabs": {c: v.to_json() for c, v in data.loader.label_vocabs.items()},
@@ -357,6 +406,7 @@ def build_manifest(
     if stage1 is not None:
         manifest.update(
             stage1_checkpoint=str(stage1.checkpoint.resolve()),
+            stage1_digest=stage1.digest,
             stage1_run_id=stage1.run_id,
             stage1_config_yaml=stage1.config_yaml,
             latent_stats=stage1.latent_stats.to_dict() if stage1.latent_stats else None,
@@ -373,13 +423,8 @@ def finish(tracker: MetricLogger, cfg: ExperimentConfig, dist: DistInfo, result:
         history = memory.history
         if cfg.tracking.enable_plots and history:
             report.log_loss_curves(tracker, history, Path(cfg.train.run_dir))
-        if result.last_checkpoint is not None:
-            tracker.set_tags(
-                {
-                    CHECKPOINT_TAG: str(Path(result.last_checkpoint).resolve()),
-                    "scldm.final_step": str(result.final_step),
-                }
-            )
+        if result.last_checkpoint is not None:  # the checkpoint tags are set by every save
+            tracker.set_tags({"scldm.final_step": str(result.final_step)})
         logger.info(
             "done: step %d, %d cells seen, last checkpoint %s",
             result.final_step,

@@ -80,12 +80,12 @@ def _dataset() -> DatasetInfo:
     )
 
 
-def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records):
+def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records, new_store):
     from mlflow.tracking import MlflowClient
 
     from scldm_scale.tracking.mlflow import MLflowLogger
 
-    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", enable_system_metrics=False)
+    cfg = TrackingConfig(uri=new_store(tmp_path / "m.db"), enable_system_metrics=False)
     (tmp_path / "config.yaml").write_text("a: 1\n")
     lg = build_logger(cfg, rank=0, spill_dir=str(tmp_path), tags={"stage": "1"})
     assert isinstance(lg, FanoutLogger)
@@ -120,7 +120,7 @@ def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_unreachable_server_keeps_records_and_next_job_sends_them(tmp_path, mlflow_records):
+def test_unreachable_server_keeps_records_and_next_job_sends_them(tmp_path, mlflow_records, new_store):
     from mlflow.tracking import MlflowClient
 
     from scldm_scale.tracking.mlflow import PENDING_FILE, MLflowLogger
@@ -140,7 +140,7 @@ def test_unreachable_server_keeps_records_and_next_job_sends_them(tmp_path, mlfl
     assert sum("unreachable" in m for m in mlflow_records) == 2  # once when it failed, once at close
     assert len((tmp_path / PENDING_FILE).read_text().splitlines()) == 5  # params, 3 metrics, end
 
-    up = TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", enable_system_metrics=False)
+    up = TrackingConfig(uri=new_store(tmp_path / "m.db"), enable_system_metrics=False)
     lg = MLflowLogger(up, spill_dir=str(tmp_path))
     lg.close()
     assert not (tmp_path / PENDING_FILE).exists()

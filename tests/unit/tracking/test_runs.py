@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def _log_run(
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[str, list[str]]:
+def store(tmp_path_factory, mlflow_template_db) -> tuple[str, list[str]]:
     root = tmp_path_factory.mktemp("store")
+    shutil.copy(mlflow_template_db, root / "mlruns.db")  # a migrated store (conftest.py)
     uri = f"sqlite:///{root / 'mlruns.db'}"
     random.seed(0)  # as seed_everything does before the tracker opens: names must not come from it
     ids = [

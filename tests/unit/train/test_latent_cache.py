@@ -61,6 +61,27 @@ def test_ranks_disjoint_equal_and_resume_exact(cache):
     assert head + [b["soma_joinid"].tolist() for b in resumed] == per_rank[0]
 
 
+@pytest.mark.parametrize("before, after", [(2, 3), (3, 1), (1, 2)])
+def test_resume_at_another_world_size_consumes_exactly_the_rest_of_the_epoch(cache, before, after):
+    """Stop after 2 steps at `before` ranks, resume at `after` ranks: consumed + remaining = the epoch, once each."""
+    first = [LatentCacheLoader(cache, rank=r, world_size=before, micro_batch_size=4, seed=5) for r in range(before)]
+    its = [iter(ld) for ld in first]
+    consumed = [j for _ in range(2) for it in its for j in next(it)["soma_joinid"].tolist()]
+    state = first[0].state_dict()
+    assert all(ld.state_dict() == state for ld in first) and state == {"epoch": 0, "cells": 2 * 4 * before}
+    rest = []
+    for r in range(after):
+        resumed = LatentCacheLoader(cache, rank=r, world_size=after, micro_batch_size=4, seed=5)
+        resumed.load_state_dict(state)
+        rest += [j for b in resumed for j in b["soma_joinid"].tolist()]
+    everything = consumed + rest
+    assert len(everything) == len(set(everything))  # nothing repeated
+    assert 57 - len(everything) < after  # nothing lost but the < world_size cells an epoch leaves out
+    one_rank = LatentCacheLoader(cache, rank=0, world_size=1, micro_batch_size=4, seed=5)
+    order = [j for b in one_rank for j in b["soma_joinid"].tolist()]
+    assert sorted(consumed) == sorted(order[: len(consumed)])  # the same cells as any world size's first steps
+
+
 def test_a_file_that_is_not_safetensors_is_named(cache):
     (cache / "shard-00001-of-00002.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="shard-00001-of-00002.safetensors"):
