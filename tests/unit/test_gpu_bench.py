@@ -36,7 +36,7 @@ def test_skips_without_cuda(tmp_path: Path) -> None:
 def test_measures_on_cpu(tmp_path: Path, demo_atlas: str) -> None:
     out = tmp_path / "gpu.json"
     args = ["--json", str(out), "--device", "cpu", "--presets", "debug", "--steps", "2", "--warmup", "1",
-            "--sample-cells", "4", "--dist", "run"]
+            "--sample-cells", "4", "--dist", "skip"]
     proc = _run(args, timeout=300)  # the child launches inherit the session's demo atlas (conftest)
     assert proc.returncode == 0, (out.read_text() if out.exists() else proc.stdout[-3000:]) + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -52,11 +52,9 @@ def test_measures_on_cpu(tmp_path: Path, demo_atlas: str) -> None:
     sampling = debug["sampling"]
     assert "error" not in sampling, sampling
     assert sampling["cells"] == 4 and sampling["cells_per_s"] > 0 and sampling["num_steps"] == 10
-    dist = result["dist_resume"]
-    assert dist["status"] == "pass", dist
-    assert dist["backend"] == "gloo" and dist["resume"]["resumed_from_step"] == 4
-    assert dist["first"]["checkpoints"] == ["step-00000002", "step-00000004"]
-    assert "step-00000008" in dist["resume"]["checkpoints"]
+    # The 2-rank launch-checkpoint-resume drill is skipped here: on CPU it repeats what
+    # tests/integration/test_faults.py does to the same launcher (and costs ~30 s).
+    assert result["dist_resume"]["status"] == "skipped"
 
 
 def _bench_module():
