@@ -34,4 +34,4 @@ lint:
 	lint-imports
 
 test: install lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile

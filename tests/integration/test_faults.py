@@ -189,7 +189,7 @@ def _node_env(env: dict[str, str], rank: int, port: int) -> dict[str, str]:
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_hung_rank_on_another_node_ends_the_job_within_the_timeout(demo_atlas, tmp_path, fault):
     env, db, run_dir, port = launch_env(demo_atlas), tmp_path / "mlruns.db", tmp_path / "run", free_port()
-    timeout_s = 10
+    timeout_s = 20
     extra = ("train.max_steps=2000", "checkpoint.interval_steps=5", f"engine.collective_timeout_s={timeout_s}")
     cmd = [sys.executable, *_args(run_dir, db, *extra)]
     nodes = [Job(cmd, _node_env(env, rank, port), tmp_path) for rank in (0, 1)]
