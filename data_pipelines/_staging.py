@@ -20,6 +20,8 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+from scldm_scale.utils.fsync import fsync_path
+
 logger = logging.getLogger(__name__)
 
 _held_locks: dict[str, tuple[int, int]] = {}
@@ -57,15 +59,6 @@ def atlas_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_path(path: str) -> None:
-    """fsync a file or a directory (O_RDONLY: Linux allows fsync on a read-only descriptor)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str, skip: set[str]) -> None:
     """fsync every file under `root` except the relative paths in `skip` (hard links to published, already
     durable files), then every directory, children before parents (each directory's entries are durable)."""
@@ -73,8 +66,8 @@ def _fsync_tree(root: str, skip: set[str]) -> None:
         for name in files:
             full = os.path.join(dirpath, name)
             if os.path.relpath(full, root) not in skip and not os.path.islink(full):
-                _fsync_path(full)
-        _fsync_path(dirpath)
+                fsync_path(full, strict=True)
+        fsync_path(dirpath, strict=True)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -106,7 +99,7 @@ def _recover(path: str) -> None:
             # Crash between the two renames of the fallback swap: the old atlas is the last complete one.
             logger.warning("restoring %s from interrupted publish %s", path, full)
             os.rename(full, path)
-            _fsync_path(parent)
+            fsync_path(parent, strict=True)
         else:
             logger.warning("removing leftover staging directory %s", full)
             shutil.rmtree(full, ignore_errors=True)
@@ -144,7 +137,7 @@ def _publish(staging: str, path: str) -> None:
         os.rename(path, backup)
         os.rename(staging, path)  # a crash between these two renames is undone by _recover
         shutil.rmtree(backup)
-    _fsync_path(parent)
+    fsync_path(parent, strict=True)
 
 
 @contextlib.contextmanager

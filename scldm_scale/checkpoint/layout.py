@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from scldm_scale.utils.fsync import fsync_path
+
 logger = logging.getLogger(__name__)
 
 MODEL = "model"
@@ -141,16 +143,7 @@ def fsync_tree(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory entry (no-op where the OS does not allow it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:

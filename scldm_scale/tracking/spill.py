@@ -30,26 +30,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from scldm_scale.utils.fsync import fsync_path
+
 logger = logging.getLogger(__name__)
 
 PENDING_FILE = "mlflow_pending.jsonl"
 """Records that have not reached the server, one JSON object a line, under the run_dir."""
 MetricPoint = tuple[str, float, int, int]
 """(key, value, timestamp in ms, step): one metric value as a record holds it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -155,7 +143,7 @@ class SpillJournal:
             return
         if not queue:
             self.path.unlink(missing_ok=True)
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
             self._exists, self._in_file, self._stale = False, 0, False
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +151,7 @@ class SpillJournal:
             tmp = self.path.with_name(self.path.name + ".tmp")
             _write_lines(tmp, queue, "w")
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         elif self._in_file < len(queue):
             _write_lines(self.path, queue[self._in_file :], "a")
         self._exists, self._in_file, self._stale = True, len(queue), False

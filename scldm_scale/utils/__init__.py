@@ -1,7 +1,8 @@
-"""Small shared helpers: environment rank info, logging, seeding. No torch.distributed."""
+"""Small shared helpers: environment rank info, logging, seeding, fsync. No torch.distributed."""
 
 from scldm_scale.utils.env import get_local_rank, get_rank, get_world_size, is_rank_zero
+from scldm_scale.utils.fsync import fsync_path
 from scldm_scale.utils.logging import setup_logging
 from scldm_scale.utils.seed import seed_everything
 
-__all__ = ["get_local_rank", "get_rank", "get_world_size", "is_rank_zero", "seed_everything", "setup_logging"]
+__all__ = ["fsync_path", "get_local_rank", "get_rank", "get_world_size", "is_rank_zero", "seed_everything", "setup_logging"]
