@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
@@ -192,4 +191,3 @@ def fail_together(
         raise
     finally:
         watch.stop()
-        time.sleep(0)  # let the watch thread see the event before teardown
