@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ STAGES = {"stage1": ("train_vae.py", "configs/vae/brain10k.yaml"), "stage2": ("t
 def _train(stage: str, args: argparse.Namespace, work: Path, tracking: str) -> float:
     """Run one training stage as its own process (as a user would); its wall time in seconds."""
     launcher, preset = STAGES[stage]
+    shutil.rmtree(work / stage, ignore_errors=True)  # a fresh run each time (a run_dir holds one run)
     cmd = [sys.executable, str(REPO / "launchers" / launcher), "--config", str(REPO / preset),
            f"train.run_dir={work / stage}", f"tracking.uri={tracking}", "checkpoint.resume=never",
            "train.enable_progress_bar=false"]

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def _train(run_dir: Path, overrides: list[str], steps: int, interval: int, log: Path) -> float:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (a run_dir holds one run)
     cmd = [sys.executable, str(REPO / "launchers" / "train_vae.py"), "--config", str(REPO / PRESET), *overrides,
            f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"checkpoint.interval_steps={interval}",
            "checkpoint.keep_latest_k=100", "checkpoint.resume=never", "train.enable_progress_bar=false",

@@ -38,6 +38,7 @@ def _overrides(args: argparse.Namespace, engine: str, run_dir: Path) -> list[str
         f"train.max_steps={args.steps}",
         "train.enable_progress_bar=false",
         "checkpoint.resume=never",
+        "train.overwrite=true",  # each repetition starts a new run in the same run_dir
         f"checkpoint.interval_steps={10**6}",
         "tracking.backend=none",
         "tracking.enable_stdout=false",

@@ -275,7 +275,7 @@ def load_latest(
     detail = " | ".join(f"{r.path.name}: {'; '.join(r.problems)}" for r in skipped)
     raise CheckpointError(
         f"no checkpoint in {checkpoints_root(run_dir)} verifies ({detail}); repair or move them away, "
-        "or set checkpoint.resume=never to start over"
+        "or set checkpoint.resume=never train.overwrite=true to start over (they are moved to <run_dir>/archive/)"
     )
 
 
