@@ -157,3 +157,30 @@ def test_state_saved_after_the_last_batch_resumes_into_the_next_epoch(atlas):
     (fresh,) = _loaders(atlas, 1, 0)
     fresh.set_epoch(1)
     assert [_real(b) for b in resumed] == [_real(b) for b in fresh] != [_real(b) for b in batches]
+
+
+def test_a_resumed_epoch_yields_the_uninterrupted_batches_padding_included(atlas):
+    """Same world size: after a mid-epoch resume every batch, the padded last one too, equals the batch of an
+    uninterrupted pass (so losses after a restart equal an uninterrupted run's), into the next epoch."""
+
+    def batches(loaders, epochs):
+        out = []
+        for epoch in range(epochs):
+            for ld in loaders:
+                ld.set_epoch(epoch)
+            out += [[b["soma_joinid"].tolist() for b in step] for step in zip(*loaders)]
+        return out
+
+    whole = batches(_loaders(atlas, 2, 1), 2)
+    first = _loaders(atlas, 2, 1)
+    its = [iter(ld) for ld in first]
+    head = [[next(it)["soma_joinid"].tolist() for it in its] for _ in range(3)]
+    resumed = _loaders(atlas, 2, 1)
+    for ld in resumed:
+        ld.load_state_dict(first[0].state_dict())
+    tail = [[b["soma_joinid"].tolist() for b in step] for step in zip(*resumed)]
+    for ld in resumed:
+        ld.set_epoch(1)
+    tail += [[b["soma_joinid"].tolist() for b in step] for step in zip(*resumed)]
+    assert any(len(set(sum(step, []))) < 32 for step in whole)  # the epoch does end in a padded batch
+    assert head + tail == whole
