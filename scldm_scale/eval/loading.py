@@ -181,15 +181,19 @@ def verified(ckpt: Path) -> Path:
     return ckpt
 
 
-def load_autoencoder(location: str | Path, device: torch.device | str = "cpu"
+def load_autoencoder(location: str | Path, device: torch.device | str = "cpu", *, verify: bool = True
                      ) -> tuple[TransformerVAE, GeneVocab, Path, dict[str, Any]]:
     """The frozen stage-1 autoencoder of a stage-1 run_dir or checkpoint: the model on `device`, its gene
     vocabulary, the checkpoint directory and its meta.json (the manifest under "manifest").
 
+    `verify=False` skips the checksums, for a caller that verified this checkpoint already (once, on rank 0).
+
     Raises:
-        ValueError: when the checkpoint is not a stage-1 autoencoder's.
+        ValueError: when the checkpoint is not a stage-1 autoencoder's, or (verify) is damaged.
     """
-    ckpt = verified(resolve_checkpoint(location))
+    ckpt = resolve_checkpoint(location)
+    if verify:
+        verified(ckpt)
     state, meta = load_model_weights(ckpt)
     vae, vocab, _ = _autoencoder(ckpt, state, meta, device)
     return vae, vocab, ckpt, meta

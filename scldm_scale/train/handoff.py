@@ -32,7 +32,7 @@ from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
 from scldm_scale.data.loader import build_gene_vocab, build_loader
 from scldm_scale.data.vocab import GeneVocab
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
-from scldm_scale.eval.loading import checkpoint_of_run, load_autoencoder
+from scldm_scale.eval.loading import checkpoint_of_run, load_autoencoder, verified
 from scldm_scale.models import LatentStats
 from scldm_scale.models.vae import TransformerVAE
 from scldm_scale.train import latent_cache
@@ -70,26 +70,41 @@ class Stage1:
     """Lineage tags of the stage-2 run."""
 
 
-def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None]:
-    """(run_dir or checkpoint path, stage-1 run id): the stage-1 checkpoint a resumed stage 2 was trained on
-    (pinned in its manifest), else `stage1.mlflow_run_id` (looked up on rank 0) or `stage1.checkpoint`."""
+def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None, bool]:
+    """(run_dir or checkpoint path, stage-1 run id, already verified): the stage-1 checkpoint a resumed stage 2
+    was trained on (pinned in its manifest), else `stage1.mlflow_run_id` (looked up on rank 0) or
+    `stage1.checkpoint`. Pinned digests and run-id lookups verify the checkpoint on rank 0 already."""
     pinned = pinned_stage1(cfg, dist)
     if pinned is not None:
         return pinned
     run_id = cfg.stage1.mlflow_run_id
     if run_id is None:
-        return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None
-    return checkpoint_of_run(cfg.tracking, run_id, dist, "stage1.mlflow_run_id"), run_id
+        return cfg.stage1.checkpoint or DEFAULT_STAGE1_RUN_DIR, None, False
+    return checkpoint_of_run(cfg.tracking, run_id, dist, "stage1.mlflow_run_id"), run_id, True
 
 
-def pinned_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None] | None:
-    """The stage-1 checkpoint (path, run id) pinned by the stage-2 checkpoint this job will resume, or None.
+def _verify_once(location: str, key: str, dist: DistInfo) -> None:
+    """Checksum the stage-1 checkpoint on rank 0 only (every rank then loads it unchecked); a ConfigError on all."""
+    error = ""
+    if dist.rank == 0:
+        try:
+            verified(resolve_checkpoint(location))
+        except (FileNotFoundError, ValueError) as exc:
+            error = f"{key}: no stage-1 checkpoint at {location!r} ({exc})"
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+
+
+def pinned_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None, bool] | None:
+    """The stage-1 checkpoint (path, run id, verified) pinned by the stage-2 checkpoint this job will resume, or
+    None. `verified` is False only for an older stage 2 that pinned no digest.
 
     Checked on rank 0 against the digest pinned with it; every rank gets the answer or the same ConfigError.
     A stage-2 run resumed on another autoencoder would decode its latents wrongly, so a changed or missing
     stage-1 checkpoint stops the job instead of being re-resolved to whatever is newest.
     """
-    found: tuple[tuple[str, str | None] | None, str] = (None, "")
+    found: tuple[tuple[str, str | None, bool] | None, str] = (None, "")
     if dist.rank == 0:
         try:
             found = (_pinned_on_rank0(cfg), "")
@@ -101,7 +116,7 @@ def pinned_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | 
     return pinned
 
 
-def _pinned_on_rank0(cfg: LDMExperimentConfig) -> tuple[str, str | None] | None:
+def _pinned_on_rank0(cfg: LDMExperimentConfig) -> tuple[str, str | None, bool] | None:
     stage2 = resume_candidate(cfg.checkpoint.resume, cfg.train.run_dir)
     if stage2 is None:
         return None
@@ -111,7 +126,7 @@ def _pinned_on_rank0(cfg: LDMExperimentConfig) -> tuple[str, str | None] | None:
         return None
     if not digest:
         logger.warning("%s pins stage-1 checkpoint %s without a digest (older run): not verified", stage2, path)
-        return path, manifest.get("stage1_run_id")
+        return path, manifest.get("stage1_run_id"), False
     result = verify_checkpoint(path, expected_digest=digest)
     if not result.ok:
         raise ValueError(
@@ -122,7 +137,7 @@ def _pinned_on_rank0(cfg: LDMExperimentConfig) -> tuple[str, str | None] | None:
     configured = cfg.stage1.checkpoint
     if configured and Path(configured).exists() and resolve_checkpoint(configured).resolve() != Path(path).resolve():
         logger.warning("stage1.checkpoint=%s ignored: the resumed stage 2 is pinned to %s", configured, path)
-    return path, manifest.get("stage1_run_id")
+    return path, manifest.get("stage1_run_id"), True
 
 
 def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
@@ -132,10 +147,12 @@ def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
         ConfigError: naming `stage1.checkpoint` / `stage1.mlflow_run_id` when nothing loadable is found, or
             when the stage-1 checkpoint pinned by a resumed stage 2 changed.
     """
-    location, run_id = _stage1_location(cfg, dist)
+    location, run_id, checked = _stage1_location(cfg, dist)
     key = "stage1.mlflow_run_id" if cfg.stage1.mlflow_run_id else "stage1.checkpoint"
+    if not checked:
+        _verify_once(location, key, dist)
     try:
-        vae, gene_vocab, ckpt, meta = load_autoencoder(location, dist.device)
+        vae, gene_vocab, ckpt, meta = load_autoencoder(location, dist.device, verify=False)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"{key}: no stage-1 checkpoint at {location!r} ({exc})") from exc
     manifest = meta["manifest"]
