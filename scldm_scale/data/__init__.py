@@ -22,7 +22,7 @@ match `data.value_filter`):
    scan, and 1.3-1.5x cheaper than a slice read per chunk), decoded with vectorised numpy into a token CSR
    (uint16 tokens up to 65,535 genes; genes outside the vocabulary dropped; library size summed). The next X
    read runs in a pool thread while the current one is decoded. At most three blocks are held per worker;
-   a block larger than the worker's share of `data.memory_budget_mb` (the model in `loader._unit_sizes`,
+   a block larger than the worker's share of `data.memory_budget_mb` (the model in `budget.unit_sizes`,
    calibrated on measured read memory) is read in parts, so memory stays bounded whatever the number of
    workers (at the price of re-reading that block's chunks).
 5. Batches (`packed.py`, `collate.py`). Consecutive cells of the stream become a `RowBatch` (references to

@@ -4,7 +4,6 @@ the exact, elastic resume state. The trainer talks only to this module's public 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -17,12 +16,12 @@ from torch.utils.data import DataLoader
 
 from scldm_scale.config import ConfigError
 from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
+from scldm_scale.data.cells import iter_obs, select_cells
 from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import make_soma_context, open_committed
 from scldm_scale.data.dataset import SomaCellDataset
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
-from scldm_scale.data.reader import nnz_per_cell
-from scldm_scale.data.stream import UNITS_IN_FLIGHT, LoaderSpec, cap_seed, iter_slot, iter_workers
+from scldm_scale.data.stream import LoaderSpec, cap_seed, iter_slot, iter_workers
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 from scldm_scale.utils.env import get_rank, get_world_size
 
@@ -150,15 +149,19 @@ _N_CELLS_READ = 100_000
 
 def _training_n_cells(exp: tiledbsoma.Experiment, cfg: SomaDataConfig, var_joinids: np.ndarray) -> np.ndarray:
     """Cells with a non-zero count, per var row, among the training cells (`data.value_filter`)."""
-    obs = exp.obs.read(value_filter=cfg.value_filter, column_names=["soma_joinid"]).concat()
-    cells = np.sort(obs.column("soma_joinid").to_numpy())
-    if not len(cells):
-        raise ValueError(f"data.min_gene_cells_scope='train': no cell matches data.value_filter={cfg.value_filter!r}")
     counts = np.zeros(int(var_joinids.max()) + 1, np.int64)
     X = exp.ms[cfg.measurement_name].X[cfg.layer_name]
-    for start in range(0, len(cells), _N_CELLS_READ):
-        for tbl in X.read((cells[start : start + _N_CELLS_READ],)).tables():
-            counts += np.bincount(tbl["soma_dim_1"].to_numpy(), minlength=len(counts))[: len(counts)]
+    found = 0
+    for obs in iter_obs(exp, cfg.value_filter, []):  # one obs slice at a time: no full joinid column
+        cells = obs.column("soma_joinid").to_numpy()
+        found += len(cells)
+        for start in range(0, len(cells), _N_CELLS_READ):
+            for tbl in X.read((cells[start : start + _N_CELLS_READ],)).tables():
+                counts += np.bincount(tbl["soma_dim_1"].to_numpy(), minlength=len(counts))[: len(counts)]
+    if not found:
+        raise ValueError(
+            f"data.min_gene_cells_scope='train': no cell matches data.value_filter={cfg.value_filter!r}"
+        )
     return counts[var_joinids]
 
 
@@ -192,8 +195,11 @@ def build_label_vocabs(
         columns = resolve_label_columns(cfg, exp.obs.schema.names)
         if not columns:
             return {}
-        obs = exp.obs.read(value_filter=vf, column_names=columns).concat()
-    return {c: LabelVocab.from_values(c, obs.column(c)) for c in columns}
+        seen: dict[str, set] = {c: set() for c in columns}
+        for obs in iter_obs(exp, vf, columns):  # one obs slice at a time
+            for c in columns:
+                seen[c] |= LabelVocab.distinct(obs.column(c))
+    return {c: LabelVocab(c, sorted(seen[c])) for c in columns}
 
 
 class SomaLoader:
@@ -248,7 +254,7 @@ class SomaLoader:
     @property
     def num_cells(self) -> int:
         """Cells matching the filter (one epoch)."""
-        return len(self.dataset.spec.obs_joinids)
+        return self.dataset.spec.n_cells
 
     @property
     def num_batches(self) -> int:
@@ -354,35 +360,6 @@ class SomaLoader:
         self._consumed = 0
 
 
-UNIT_BYTES_PER_NNZ = 8
-"""Measured bytes per non-zero of a read unit held in memory (uint16 token + float32 count + allocator slack)."""
-READ_BYTES_PER_NNZ = 38
-"""Measured peak bytes per non-zero of one X read in flight: its arrow result (int64 row and column, float32
-value) and TileDB's own tile buffers (reads of 4k-65k cells, benchmarks/README.md)."""
-READS_IN_FLIGHT = 2
-"""X reads a worker has in flight: one decoded while the next is read (`stream._read_units`)."""
-BYTES_PER_CELL = 64
-"""Per-cell arrays of a unit (joinid, indptr, position, library size, labels)."""
-
-
-def _unit_sizes(budget_mb: int, num_workers: int, nnz: float, batch_size: int, block_cells: int):
-    """(unit_cells, read_cells): each worker's units in flight and reads stay within its share of the budget.
-
-    A whole shuffle block per unit when it fits, read in as few reads as fit. When a block does not fit, units
-    are parts of it (its chunks are then read once per part).
-    """
-    share = budget_mb * 2**20 / max(1, num_workers)
-    unit_per_cell = nnz * UNITS_IN_FLIGHT * UNIT_BYTES_PER_NNZ + BYTES_PER_CELL
-    read_per_cell = nnz * READ_BYTES_PER_NNZ * READS_IN_FLIGHT
-    unit = max(batch_size, block_cells)
-    for reads in (1, 2, 4, 8):  # as few reads per block as fit (fewer reads = less TileDB CPU)
-        read = -(-unit // reads)
-        if unit * unit_per_cell + read * read_per_cell <= share:
-            return unit, read
-    unit = max(batch_size, int(share / (unit_per_cell + read_per_cell / 8)))
-    return unit, max(1, unit // 8)
-
-
 def _resolve_seed(cfg: SomaDataConfig, seed: int | None, world_size: int) -> tuple[int, bool]:
     chosen = cfg.seed if cfg.seed is not None else seed
     if chosen is not None:
@@ -446,28 +423,23 @@ def build_loader(
         var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
         if not (var_to_token > 0).any():
             raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
-        obs = exp.obs.read(value_filter=vf, column_names=["soma_joinid", *label_columns]).concat()
-        joinids = obs.column("soma_joinid").to_numpy()
-        if len(joinids) > 1 and np.any(joinids[1:] < joinids[:-1]):
-            obs = obs.take(np.argsort(joinids, kind="stable"))
-        obs_joinids = obs.column("soma_joinid").to_numpy().astype(np.int64)
-        nnz = nnz_per_cell(exp.ms[cfg.measurement_name].X[cfg.layer_name], obs_joinids)
+        block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
+        cells = select_cells(
+            exp,
+            exp.ms[cfg.measurement_name].X[cfg.layer_name],
+            vf,
+            label_columns=label_columns,
+            chunk_cells=cfg.shuffle_chunk_cells,
+            label_vocabs=label_vocabs,
+        )
         snapshot = exp.tiledb_timestamp_ms  # workers read the state read here
-    if label_vocabs is None:
-        label_vocabs = {c: LabelVocab.from_values(c, obs.column(c)) for c in label_columns}
-    else:  # only the run's columns, in their order (the batches' `labels` columns)
-        label_vocabs = {c: label_vocabs[c] for c in label_columns}
-    labels = np.zeros((len(obs_joinids), len(label_columns)), np.int64)
-    for j, c in enumerate(label_columns):
-        labels[:, j], unknown = label_vocabs[c].encode(obs.column(c))
+    label_vocabs = cells.label_vocabs
+    for c, unknown in cells.unknown_labels.items():
         if unknown:
             logger.info("label column %r: %d cells with unknown / null category -> id 0", c, unknown)
-    if len(obs_joinids) == 0:
+    n_cells = len(cells.index)
+    if n_cells == 0:
         logger.warning("value_filter %r selects no cells of %s", vf, uri)
-    block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
-    unit_cells, read_cells = _unit_sizes(
-        cfg.memory_budget_mb, num_workers, nnz, batch_size, block_chunks * cfg.shuffle_chunk_cells
-    )
     spec = LoaderSpec(
         uri=uri,
         s3_endpoint_url=cfg.s3_endpoint_url,
@@ -475,8 +447,9 @@ def build_loader(
         tiledb_timestamp=snapshot,
         measurement_name=cfg.measurement_name,
         layer_name=cfg.layer_name,
-        obs_joinids=obs_joinids,
-        labels=labels,
+        index=cells.index,
+        label_vocabs=tuple(label_vocabs.values()),
+        chunk_nnz=cells.chunk_nnz,
         var_to_token=var_to_token,
         batch_size=batch_size,
         chunk_cells=cfg.shuffle_chunk_cells,
@@ -485,34 +458,36 @@ def build_loader(
         seed=seed_value,
         remainder=cfg.remainder,
         max_tokens_per_cell=cfg.max_tokens_per_cell,
-        unit_cells=unit_cells,
-        read_cells=read_cells,
+        memory_budget_mb=cfg.memory_budget_mb,
         rank=rank,
         world_size=world_size,
         num_workers=num_workers,
     )
     fingerprint = {
-        "n_cells": len(obs_joinids),
-        "obs_joinids_sha1": hashlib.sha1(obs_joinids.tobytes()).hexdigest()[:16],
+        "n_cells": n_cells,
+        "obs_joinids_sha1": cells.index.sha1,
         "chunk_cells": cfg.shuffle_chunk_cells,
         "block_chunks": block_chunks,
         "shuffle": shuffle,
         "seed": seed_value,
     }
+    order = spec.order(0)
+    first_unit, _ = spec.unit_plan(order, 1 if order.num_blocks > 1 else 0) if n_cells else (0, 0)
     logger.info(
-        "loader rank %d/%d: %d cells, %d genes, %d batches/epoch of %d, blocks of %d chunks x %d cells, "
-        "unit <= %d cells",
+        "loader rank %d/%d: %d cells (index: %s, %.2f B/cell), %d genes, %d batches/epoch of %d, blocks of %d "
+        "chunks x %d cells, unit <= %d cells; nnz per cell from %s",
         rank,
         world_size,
-        len(obs_joinids),
+        n_cells,
+        cells.index.encoding,
+        cells.index.nbytes / max(1, n_cells),
         gene_vocab.num_genes,
-        rank_num_batches(
-            len(obs_joinids), world_size=world_size, batch_size=batch_size, remainder=cfg.remainder
-        ),
+        rank_num_batches(n_cells, world_size=world_size, batch_size=batch_size, remainder=cfg.remainder),
         batch_size,
         block_chunks,
         cfg.shuffle_chunk_cells,
-        unit_cells,
+        first_unit,
+        cells.nnz_source,
     )
     return SomaLoader(
         SomaCellDataset(spec),

@@ -11,8 +11,9 @@ from scldm_scale.data.loader import open_experiment
 from scldm_scale.data.vocab import LabelVocab
 
 
-def read_label_ids(cfg: SomaDataConfig, label_vocabs: dict[str, LabelVocab], *, atlas_uri: str,
-                   value_filter: str | None) -> np.ndarray:
+def read_label_ids(
+    cfg: SomaDataConfig, label_vocabs: dict[str, LabelVocab], *, atlas_uri: str, value_filter: str | None
+) -> np.ndarray:
     """(N, K) label ids (columns in `label_vocabs` order; 0 = unknown) of the cells matching `value_filter`."""
     columns = list(label_vocabs)
     cfg = dataclasses.replace(cfg, label_columns=columns, value_filter=value_filter, val_value_filter=None)

@@ -149,11 +149,24 @@ def read_block(
     return assemble(joinids, parts, tokens.dtype)
 
 
-def nnz_per_cell(X: tiledbsoma.SparseNDArray, joinids: np.ndarray, sample_cells: int = 512) -> float:
-    """Mean non-zeros per cell over the first `sample_cells` wanted cells (cheap: `X.nnz` scans fragments)."""
-    if len(joinids) == 0:
-        return 1.0
-    sample = joinids[:sample_cells]
-    table = X.read(coords=(slice(int(sample[0]), int(sample[-1])),)).tables().concat()
-    span = int(sample[-1] - sample[0]) + 1
-    return max(1.0, table.num_rows / span)
+def read_labels(obs: tiledbsoma.DataFrame, joinids: np.ndarray, vocabs) -> np.ndarray:
+    """Label ids (len(joinids), K) of the cells `joinids` (ascending) from one obs read, one column per vocab.
+
+    Ids fit the narrowest unsigned dtype of the largest vocabulary (uint8 to 255 categories, uint16 beyond).
+    Labels are read per unit with its X rows, so the loader holds no per-cell label array for the atlas.
+    """
+    most = max((v.num_classes for v in vocabs), default=1)
+    dtype = np.uint8 if most <= 256 else np.uint16 if most <= 65_536 else np.int32
+    out = np.zeros((len(joinids), len(vocabs)), dtype)
+    if not len(vocabs) or not len(joinids):
+        return out
+    columns = ["soma_joinid", *(v.column for v in vocabs)]
+    table = obs.read(coords=(_coords(joinids),), column_names=columns).concat()
+    got = table.column("soma_joinid").to_numpy()
+    if len(got) != len(joinids):
+        raise RuntimeError(f"obs read returned {len(got)} rows for {len(joinids)} cells")
+    order = np.argsort(got, kind="stable") if np.any(got[1:] < got[:-1]) else None
+    for j, vocab in enumerate(vocabs):
+        ids, _ = vocab.encode(table.column(vocab.column))
+        out[:, j] = ids if order is None else ids[order]
+    return out

@@ -8,7 +8,7 @@ size is the same sum over vocabulary genes the model sees). Rank-agnostic: call 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.data.loader import _FROM_CONFIG, build_loader
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 
+SAMPLE_CHUNK_CELLS = 16
+"""Contiguous cells per sampled run of the library-size sample (short runs: many datasets, still fast reads)."""
 MIN_GROUP_CELLS = 2
 """A label combination seen in fewer training cells than this has no statistics of its own."""
 
@@ -117,7 +119,9 @@ class LibrarySizeStats:
         ]
         return _pool(matching) if matching and any(row) else self.overall
 
-    def params(self, labels_BK: torch.Tensor | np.ndarray | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def params(
+        self, labels_BK: torch.Tensor | np.ndarray | None, batch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) of the log library size per row, (B,) float64 each."""
         if labels_BK is None or np.asarray(labels_BK).shape[-1] == 0:
             return np.full(batch, self.overall.mean_log), np.full(batch, self.overall.std_log)
@@ -176,9 +180,15 @@ def library_size_stats(
 ) -> dict[str, Any]:
     """`LibrarySizeStats` of the filtered cells, as the JSON-able dict that manifests store (`to_dict`).
 
-    With `max_cells`, the statistics come from the first `max_cells` cells of a seeded shuffled pass (a sample
-    that spans datasets), not from every cell. Cells with library size 0 are left out.
+    With `max_cells`, the statistics come from the first `max_cells` cells of a seeded shuffled pass in chunks
+    of `SAMPLE_CHUNK_CELLS` (a sample of thousands of runs spread over every dataset of the atlas, where the
+    training chunks of 2,048 cells would cover only a few dozen), not from every cell. Cells with library
+    size 0 are left out.
     """
+    if max_cells is not None:
+        cfg = replace(
+            cfg, shuffle_chunk_cells=SAMPLE_CHUNK_CELLS, shuffle_buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells)
+        )
     loader = build_loader(
         cfg,
         rank=0,

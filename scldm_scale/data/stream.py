@@ -2,7 +2,8 @@
 
 The work pieces of `order.py` become load units (the cells of one block, or of part of one when the block
 exceeds the worker's memory allowance). A reading thread reads each unit in joinid order, one point read per
-`spec.read_cells` cells, the next read running in a pool thread while it decodes the current one; the consumer
+`read_cells` cells (sized per block, `LoaderSpec.unit_plan`), the next read running in a pool thread while it decodes the current one; its labels come
+from one obs read of the same cells; the consumer
 cuts the unit's stream order into `RowBatch`es (references to rows, gathered once when packed). At most
 `UNITS_IN_FLIGHT` units exist per worker. `iter_slot` is one worker; `iter_workers` runs `spec.num_workers` of
 them in threads and interleaves their batches in the DataLoader's round-robin order.
@@ -21,16 +22,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scldm_scale.data.budget import UNITS_IN_FLIGHT, unit_sizes
 from scldm_scale.data.context import make_soma_context
+from scldm_scale.data.index import CellIndex
 from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
 from scldm_scale.data.packed import PackedBatch, RowBatch, mix64
-from scldm_scale.data.reader import CellBlock, TokenMap, assemble, decode_group, read_group, split_groups
+from scldm_scale.data.reader import (
+    CellBlock,
+    TokenMap,
+    assemble,
+    decode_group,
+    read_group,
+    read_labels,
+    split_groups,
+)
+from scldm_scale.data.vocab import LabelVocab
 
 logger = logging.getLogger(__name__)
-
-UNITS_IN_FLIGHT = 3
-"""Load units a slot holds at once: the one being batched, one decoded and queued or being decoded, and one
-whose first read has started."""
 
 _live_prefetch: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = weakref.WeakKeyDictionary()
 
@@ -51,10 +59,12 @@ class LoaderSpec:
     s3_endpoint_url: str | None
     measurement_name: str
     layer_name: str
-    obs_joinids: np.ndarray
-    """Sorted soma_joinids of the cells matching the filter; a cell's *position* indexes this array."""
-    labels: np.ndarray
-    """int64 (n_cells, K) label ids aligned with obs_joinids."""
+    index: CellIndex
+    """The cells matching the filter: a cell's *position* -> its soma_joinid (ascending in position)."""
+    label_vocabs: tuple[LabelVocab, ...]
+    """One vocabulary per label column, in the batches' `labels` order (labels are read with each unit)."""
+    chunk_nnz: np.ndarray
+    """float32 mean stored non-zeros per cell of each chunk (sizes the load units, `budget.unit_sizes`)."""
     var_to_token: np.ndarray
     """var soma_joinid -> token id (0 = not in the vocabulary)."""
     batch_size: int
@@ -64,10 +74,8 @@ class LoaderSpec:
     seed: int
     remainder: str
     max_tokens_per_cell: int | None
-    unit_cells: int
-    """Most cells one load unit holds (from the byte budget, the number of workers and the nnz per cell)."""
-    read_cells: int
-    """Most cells per X read (its arrow result is the reader's transient memory)."""
+    memory_budget_mb: int
+    """`data.memory_budget_mb`: what a rank's workers may hold together (units, reads)."""
     rank: int
     world_size: int
     num_workers: int
@@ -76,8 +84,22 @@ class LoaderSpec:
     tiledb_timestamp: int | None = None
     """TileDB timestamp (ms) the atlas is read at: the committed snapshot the loader was built from."""
 
+    @property
+    def n_cells(self) -> int:
+        return len(self.index)
+
     def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(len(self.obs_joinids), self.chunk_cells, self.block_chunks, self.seed, epoch, self.shuffle)
+        return EpochOrder(self.n_cells, self.chunk_cells, self.block_chunks, self.seed, epoch, self.shuffle)
+
+    def unit_plan(
+        self, order: EpochOrder, block: int, chunk_order: np.ndarray | None = None
+    ) -> tuple[int, int]:
+        """(unit_cells, read_cells) of `block`: from its chunks' measured nnz and the worker's budget share."""
+        chunks = order.block_chunk_ids(block, chunk_order)
+        cells = order.block_len(block, chunk_order)
+        sizes = np.minimum(self.chunk_cells, self.n_cells - chunks * self.chunk_cells)
+        nnz = float((self.chunk_nnz[chunks] * sizes).sum() / max(1, cells)) if len(chunks) else 1.0
+        return unit_sizes(self.memory_budget_mb, self.num_workers, max(nnz, 1.0), self.batch_size, cells)
 
     def slot(self, pieces: list[Piece], worker: int) -> Slot:
         total = sum(e - s for _, s, e in pieces)
@@ -94,6 +116,7 @@ class LoaderSpec:
 @dataclass
 class _Unit:
     block: CellBlock  # cells in joinid order
+    labels: np.ndarray  # (cells, K) label ids of the block's rows
     rows: np.ndarray  # row of each cell of the stream in `block`
     positions: np.ndarray  # position of each cell of the stream
     is_padding: bool
@@ -104,27 +127,30 @@ def cap_seed(spec: LoaderSpec, epoch: int) -> int:
     return int(mix64(np.array([spec.seed * 1_000_003 + epoch], np.uint64))[0])
 
 
-def _units(spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot) -> Iterator[tuple[np.ndarray, bool]]:
-    """(positions in stream order, is_padding) per load unit of this slot."""
+def _units(
+    spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot
+) -> Iterator[tuple[np.ndarray, bool, int]]:
+    """(positions in stream order, is_padding, cells per X read) per load unit of this slot."""
     order = spec.order(epoch)
     chunk_order = order.chunk_order()
-    unit = spec.unit_cells
-    cache: tuple[int, np.ndarray] | None = None
+    cache: tuple[int, np.ndarray, int, int] | None = None
     pad = slot.num_batches * spec.batch_size - slot.real
     pad_pieces = take(pieces, slot.pad_start, min(pad, slot.pad_len)) if pad > 0 else []
     for part, is_pad in ((take(pieces, slot.start, slot.real), False), (pad_pieces, True)):
         positions_l = []
         for b, s, e in part:
             if cache is None or cache[0] != b:
-                cache = (b, order.block_positions(b, chunk_order))
+                cache = (b, order.block_positions(b, chunk_order), *spec.unit_plan(order, b, chunk_order))
+            _, block_pos, unit, read = cache
             if e - s > unit and not is_pad:
                 _warn_split(e - s, unit)
             for lo in range(s, e, unit):
-                positions_l.append(cache[1][lo : min(e, lo + unit)])
+                positions_l.append((block_pos[lo : min(e, lo + unit)], read))
         if is_pad and positions_l:  # a few cells, repeated until the last batch is full
-            positions_l = [np.resize(np.concatenate(positions_l), pad)]
-        for positions in positions_l:
-            yield positions, is_pad
+            read = min(r for _, r in positions_l)
+            positions_l = [(np.resize(np.concatenate([p for p, _ in positions_l]), pad), read)]
+        for positions, read in positions_l:
+            yield positions, is_pad, read
 
 
 @dataclass
@@ -136,7 +162,7 @@ class _Plan:
     groups: list[np.ndarray]
 
 
-def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool) -> _Plan:
+def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool, read_cells: int) -> _Plan:
     if is_pad:  # padding repeats cells: read each once
         sorted_pos = np.unique(positions)
         rows = np.searchsorted(sorted_pos, positions)
@@ -145,8 +171,8 @@ def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool) -> _Plan:
         sorted_pos = positions[order]
         rows = np.empty(len(positions), np.int64)
         rows[order] = np.arange(len(positions))
-    joinids = spec.obs_joinids[sorted_pos]
-    return _Plan(positions, is_pad, rows, joinids, split_groups(joinids, spec.read_cells))
+    joinids = spec.index.joinids(sorted_pos)
+    return _Plan(positions, is_pad, rows, joinids, split_groups(joinids, read_cells))
 
 
 def _read_units(
@@ -192,7 +218,8 @@ def _read_units(
                 if stop.is_set():
                     return
                 block = assemble(cur.joinids, parts, tokens.dtype)
-                out.put(_Unit(block, cur.rows, cur.positions, cur.is_padding))
+                labels = read_labels(exp.obs, cur.joinids, spec.label_vocabs)
+                out.put(_Unit(block, labels, cur.rows, cur.positions, cur.is_padding))
                 cur = nxt
         out.put(None)
     except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
@@ -242,7 +269,7 @@ def iter_slot(spec: LoaderSpec, epoch: int, pieces: list[Piece], worker: int) ->
                     current, cursor = item, 0
                 n = min(need, len(current.positions) - cursor)
                 parts.append((current.block, current.rows[cursor : cursor + n]))
-                labels.append(spec.labels[current.positions[cursor : cursor + n]])
+                labels.append(current.labels[current.rows[cursor : cursor + n]])
                 flags.append(np.full(n, current.is_padding))
                 cursor += n
                 need -= n
@@ -272,9 +299,7 @@ def _warn_split(piece_cells: int, unit_cells: int) -> None:
         )
 
 
-def iter_workers(
-    spec: LoaderSpec, epoch: int, pieces: list[Piece], depth: int = 4
-) -> Iterator[PackedBatch]:
+def iter_workers(spec: LoaderSpec, epoch: int, pieces: list[Piece], depth: int = 4) -> Iterator[PackedBatch]:
     """The rank's batches from `spec.num_workers` worker threads, each streaming (and packing) its own slot.
 
     Batch j of the rank comes from worker j % num_workers, as with a DataLoader, so the resume state and the
@@ -297,7 +322,9 @@ def iter_workers(
         except BaseException as exc:  # handed to the consumer, which re-raises it: never swallowed
             _offer(q, exc, stop)
 
-    threads = [threading.Thread(target=run, args=(w,), daemon=True, name=f"scldm-worker-{w}") for w in range(nw)]
+    threads = [
+        threading.Thread(target=run, args=(w,), daemon=True, name=f"scldm-worker-{w}") for w in range(nw)
+    ]
     for thread in threads:
         _live_prefetch[thread] = stop
         thread.start()

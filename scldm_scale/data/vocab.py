@@ -137,8 +137,13 @@ class LabelVocab:
     @classmethod
     def from_values(cls, column: str, values: Sequence | pa.Array | pa.ChunkedArray) -> LabelVocab:
         """Sorted distinct non-null values of a column (nulls map to the unknown id)."""
+        return cls(column, sorted(cls.distinct(values)))
+
+    @staticmethod
+    def distinct(values: Sequence | pa.Array | pa.ChunkedArray) -> set[str]:
+        """Distinct non-null values as the category strings `encode` matches (collect them slice by slice)."""
         cats, _ = _dictionary(values)
-        return cls(column, sorted({c for c in cats if c is not None}))
+        return {c for c in cats if c is not None}
 
     def encode(self, values: Sequence | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
         """Label ids of `values` and the number of unknown / null values (mapped to 0)."""

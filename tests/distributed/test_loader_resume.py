@@ -111,11 +111,12 @@ def test_exact_resume_mid_epoch(atlas, before, after):
 
 def test_chained_resume_with_tiny_memory_budget(atlas, monkeypatch):
     """Blocks larger than the memory allowance are read in parts; two resumes in a row stay exact."""
-    monkeypatch.setattr("scldm_scale.data.loader.BYTES_PER_CELL", 10**6)  # 1 MiB then holds ~1 cell
+    monkeypatch.setattr("scldm_scale.data.budget.BYTES_PER_CELL", 10**6)  # 1 MiB then holds ~1 cell
     epoch = _epoch_cells(atlas)
     kw = dict(shuffle_buffer_cells=256, memory_budget_mb=1)
     gen1 = _loaders(atlas, 2, 0, **kw)
-    assert gen1[0].dataset.spec.unit_cells == 16  # one batch per load unit: blocks of 256 are split
+    spec = gen1[0].dataset.spec
+    assert spec.unit_plan(spec.order(0), 1)[0] == 16  # one batch per load unit: blocks of 256 are split
     first, its = _consume(gen1, 3)
     state = gen1[0].state_dict()
     loaders = _loaders(atlas, 3, 0, **kw)

@@ -21,13 +21,17 @@ def write_test_atlas(
     n_cells: int = 600,
     n_genes: int = 50,
     n_datasets: int = 3,
-    density: float = 0.2,
+    density: float | list[float] = 0.2,
     seed: int = 0,
+    nnz_column: bool = False,
     reverse_genes: bool = False,
     extra_genes: int = 0,
     context: tiledbsoma.SOMATileDBContext | None = None,
 ) -> str:
-    """Write an experiment with datasets stored one after another, a `split` column and var `n_cells`."""
+    """Write an experiment with datasets stored one after another, a `split` column and var `n_cells`.
+
+    `density` may be one value per dataset (a heterogeneous atlas); `nnz_column` adds obs `nnz` as Census has.
+    """
     rng = np.random.default_rng(seed)
     dataset = np.repeat(np.arange(n_datasets), -(-n_cells // n_datasets))[:n_cells]
     obs = pd.DataFrame(
@@ -38,7 +42,12 @@ def write_test_atlas(
             "split": np.where(np.arange(n_cells) % 5 == 4, "val", "train"),
         }
     )
-    nnz_mask = rng.random((n_cells, n_genes)) < density
+    dens = np.asarray(density, np.float64)
+    nnz_mask = (
+        rng.random((n_cells, n_genes)) < (dens[dataset] if dens.ndim else np.full(n_cells, dens))[:, None]
+    )
+    if nnz_column:
+        obs["nnz"] = nnz_mask.sum(axis=1).astype(np.int64)
     rows, cols = np.nonzero(nnz_mask)
     data = rng.integers(1, 20, size=rows.size).astype(np.float32)
     var = pd.DataFrame(

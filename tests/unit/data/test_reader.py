@@ -8,17 +8,17 @@ import tiledbsoma
 
 from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.data import build_loader
-from scldm_scale.data.collate import unpack_batch
-from scldm_scale.data.loader import (
+from scldm_scale.data.budget import (
     BYTES_PER_CELL,
     READ_BYTES_PER_NNZ,
     READS_IN_FLIGHT,
     UNIT_BYTES_PER_NNZ,
-    _unit_sizes,
+    UNITS_IN_FLIGHT,
+    unit_sizes,
 )
+from scldm_scale.data.collate import unpack_batch
 from scldm_scale.data.packed import RowBatch
 from scldm_scale.data.reader import TokenMap, _row_lengths, read_block, token_dtype
-from scldm_scale.data.stream import UNITS_IN_FLIGHT
 
 
 def _dense(uri: str) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_token_dtype_widens_past_uint16():
 @pytest.mark.parametrize("budget_mb", [16, 256, 1024])
 def test_unit_sizes_keep_every_worker_within_its_share(workers, budget_mb):
     nnz, block = 130.0, 65_536
-    unit, read = _unit_sizes(budget_mb, workers, nnz, 256, block)
+    unit, read = unit_sizes(budget_mb, workers, nnz, 256, block)
     held = unit * (nnz * UNITS_IN_FLIGHT * UNIT_BYTES_PER_NNZ + BYTES_PER_CELL)
     held += READS_IN_FLIGHT * read * nnz * READ_BYTES_PER_NNZ
     assert held <= budget_mb * 2**20 / max(1, workers) or unit == 256
