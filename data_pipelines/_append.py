@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from data_pipelines._atlas import (
     META_DATASETS,
     META_LABEL_COLUMNS,
+    NNZ_COLUMN,
     SPLIT_COLUMN,
     AtlasState,
     create_atlas,
@@ -79,7 +80,7 @@ def _start(
     info = state.commit
     if not state.exists:
         created = next_timestamp(CommitInfo())
-        columns = ["obs_id", "dataset_id", *labels, SPLIT_COLUMN]
+        columns = ["obs_id", "dataset_id", *labels, SPLIT_COLUMN, NNZ_COLUMN]
         create_atlas(target, ctx, obs_columns=columns, n_obs=n_obs, n_vars=n_vars, timestamp=created)
         commit(target, ctx, created, {META_DATASETS: "[]", META_LABEL_COLUMNS: json.dumps(labels)})
         info = CommitInfo(created, created)
@@ -125,6 +126,7 @@ def write_sources(
     timestamp = _start(target, ctx, state, labels, n_total, len(var))
     datasets = list(state.datasets)
     offset = state.n_obs
+    with_nnz = not state.exists or NNZ_COLUMN in state.obs_columns  # atlases written before it lack it
     with (
         tiledbsoma.Experiment.open(target, "w", context=ctx, tiledb_timestamp=timestamp) as exp,
         tqdm(total=n_total - state.n_obs, unit="cells", desc="ingest", file=sys.stderr, disable=None) as bar,
@@ -139,8 +141,10 @@ def write_sources(
                 cols.update({c: src.labels[c][start:stop] for c in labels})
                 if src.split is not None:
                     cols[SPLIT_COLUMN] = src.split[start:stop]
-                write_obs(exp, offset + start, cols)
                 chunk.eliminate_zeros()
+                if with_nnz:
+                    cols[NNZ_COLUMN] = chunk.getnnz(axis=1).astype(np.int64)
+                write_obs(exp, offset + start, cols)
                 coo = chunk.tocoo()
                 write_x(exp, coo.row.astype(np.int64) + offset + start, gene_map[coo.col], coo.data)
                 bar.update(stop - start)

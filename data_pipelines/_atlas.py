@@ -84,8 +84,12 @@ class AtlasState:
 
     @property
     def label_columns(self) -> list[str]:
-        """obs columns other than the ids and `split`."""
-        return [c for c in self.obs_columns if c not in ("soma_joinid", "obs_id", "dataset_id", SPLIT_COLUMN)]
+        """obs columns other than the ids, `split` and `nnz`."""
+        return [
+            c
+            for c in self.obs_columns
+            if c not in ("soma_joinid", "obs_id", "dataset_id", SPLIT_COLUMN, NNZ_COLUMN)
+        ]
 
     @property
     def has_split(self) -> bool:
@@ -133,8 +137,18 @@ def read_state(uri: str, ctx: tiledbsoma.SOMATileDBContext) -> AtlasState:
 # ---- writing -----------------------------------------------------------------------------------------
 
 
+NNZ_COLUMN = "nnz"
+"""obs column: the cell's stored non-zero values (as in CELLxGENE Census); the loader sizes its reads by it."""
+OBS_TYPES = {NNZ_COLUMN: pa.int64(), "is_primary_data": pa.bool_()}
+"""obs columns that are not strings (every other obs column is a large_string label)."""
+
+
 def _string_field(name: str) -> pa.Field:
     return pa.field(name, pa.large_string(), nullable=False)
+
+
+def _obs_field(name: str) -> pa.Field:
+    return pa.field(name, OBS_TYPES.get(name, pa.large_string()), nullable=False)
 
 
 def create_atlas(
@@ -152,7 +166,7 @@ def create_atlas(
     are created: an interrupted creation is then recognised (`CommitInfo.never_committed`), not read.
     """
     obs_schema = pa.schema(
-        [pa.field("soma_joinid", pa.int64(), nullable=False)] + [_string_field(c) for c in obs_columns]
+        [pa.field("soma_joinid", pa.int64(), nullable=False)] + [_obs_field(c) for c in obs_columns]
     )
     var_schema = pa.schema(
         [
@@ -237,12 +251,19 @@ _GLOBAL_ORDER = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 """Writes in TileDB global order: ~8x faster than letting TileDB sort an unordered write (measured)."""
 
 
-def write_obs(exp: tiledbsoma.Experiment, start: int, columns: dict[str, np.ndarray]) -> None:
-    """Write obs rows [start, start + n) with the given string columns (every obs column but soma_joinid)."""
+def write_obs(exp: tiledbsoma.Experiment, start: int, columns: dict[str, np.ndarray | pa.Array]) -> None:
+    """Write obs rows [start, start + n) with the given columns (every obs column but soma_joinid): strings,
+    or the types of `OBS_TYPES`; Arrow arrays are cast, anything else converted."""
     n = len(next(iter(columns.values())))
     table = {"soma_joinid": np.arange(start, start + n, dtype=np.int64)}
     for name, values in columns.items():
-        table[name] = pa.array(np.asarray(values, dtype=object).tolist(), pa.large_string())
+        kind = OBS_TYPES.get(name, pa.large_string())
+        if isinstance(values, pa.Array | pa.ChunkedArray):
+            table[name] = values.cast(kind)
+        elif kind == pa.large_string():
+            table[name] = pa.array(np.asarray(values, dtype=object).tolist(), kind)
+        else:
+            table[name] = pa.array(np.asarray(values), kind)
     exp.obs.write(pa.table(table), platform_config=_GLOBAL_ORDER)  # increasing joinids: global order
 
 

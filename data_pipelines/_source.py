@@ -337,9 +337,7 @@ def stratified_split(
     return split
 
 
-def assign_split(
-    src: Source, stratify_by: str | None, *, seed: int, fractions: Sequence[float]
-) -> None:
+def assign_split(src: Source, stratify_by: str | None, *, seed: int, fractions: Sequence[float]) -> None:
     """Fill the cells of `src` without a split: stratified by its first label column (`stratify_by`).
 
     The input's own values are kept. Label values with fewer than `MIN_STRATUM_CELLS` cells among the cells

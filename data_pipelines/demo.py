@@ -126,7 +126,7 @@ def atlas_summary(uri: str, s3_endpoint_url: str | None = None, s3_verify_tls: b
         "n_vars": n_vars,
         "datasets": {d: int(datasets.get(d, 0)) for d in order},
         "splits": {k: int(v) for k, v in obs["split"].value_counts().items()} if "split" in obs else {},
-        "label_columns": [c for c in names if c not in ("soma_joinid", "obs_id")],
+        "label_columns": [c for c in names if c not in ("soma_joinid", "obs_id", "nnz")],
         "split_seed": metadata.get("split_seed"),
     }
 

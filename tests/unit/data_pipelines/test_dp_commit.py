@@ -68,7 +68,8 @@ def test_uncommitted_write_is_invisible_then_discarded(base_atlas, make_adata):
     _commit.begin_write(base_atlas, ctx, ts)
     _atlas.resize_atlas(base_atlas, ctx, n_obs=40, n_vars=15, timestamp=ts)
     with tiledbsoma.Experiment.open(base_atlas, "w", context=ctx, tiledb_timestamp=ts) as exp:
-        _atlas.write_obs(exp, 30, {c: np.full(10, "junk", object) for c in state.obs_columns[1:]})
+        junk = {c: np.full(10, "junk", object) for c in state.obs_columns[1:]}
+        _atlas.write_obs(exp, 30, {**junk, "nnz": np.full(10, 1)})
         _atlas.write_x(exp, np.arange(30, 40), np.full(10, 14), np.ones(10))
         var = state.var.copy()
         var.loc[len(var)] = ["ID_junk", "junk", 10]

@@ -45,7 +45,7 @@ def test_roundtrip_layout(tmp_path, make_adata, write_h5ad):
     assert (
         summary["n_obs"] == 25 and summary["n_vars"] == 9 and summary["datasets"][0]["dataset_id"] == "pbmc"
     )
-    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "batch", "split"]
+    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "batch", "split", "nnz"]
     assert set(obs["split"]) <= {"train", "val", "test"} and (obs["split"] == "train").sum() >= 15
     assert obs["obs_id"].tolist() == list(a.obs_names) and set(obs["dataset_id"]) == {"pbmc"}
     assert obs["cell_type"].tolist() == a.obs["cell_type"].astype(str).tolist()
@@ -53,6 +53,7 @@ def test_roundtrip_layout(tmp_path, make_adata, write_h5ad):
     assert var["feature_name"].tolist() == list(a.var_names)
     np.testing.assert_array_equal(x.toarray(), _dense(a))
     assert var["n_cells"].tolist() == (_dense(a) > 0).sum(0).tolist()
+    assert obs["nnz"].tolist() == (_dense(a) > 0).sum(1).tolist()  # the loader sizes its reads by it
     with tiledbsoma.Experiment.open(str(tmp_path / "atlas")) as exp:
         assert exp.ms["RNA"].X["raw"].schema.field("soma_data").type == "float"
     assert json.loads(meta[_atlas.META_DATASETS])[0]["obs_joinid_stop"] == 25

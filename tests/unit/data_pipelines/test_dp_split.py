@@ -31,7 +31,7 @@ def test_default_fractions_and_stratification(tmp_path, make_adata):
     a, b = _labelled(make_adata, 1000, 1), _labelled(make_adata, 600, 2)
     summary = ingest_anndata(str(tmp_path / "x"), [a, b], dataset_ids=["a", "b"])
     obs = _obs(str(tmp_path / "x"))
-    assert list(obs.columns)[-1] == "split" and set(obs["split"]) == {"train", "val", "test"}
+    assert list(obs.columns)[-2:] == ["split", "nnz"] and set(obs["split"]) == {"train", "val", "test"}
     for _, group in obs.groupby(["dataset_id", "cell_type"]):  # every stratum ~80 / 10 / 10
         frac = group["split"].value_counts(normalize=True)
         assert abs(frac["train"] - 0.8) < 0.02 and abs(frac["val"] - 0.1) < 0.02, frac

@@ -26,7 +26,7 @@ def test_layout_and_contiguous_datasets(synthetic_atlas):
         obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
         var = exp.ms["RNA"].var.read().concat().to_pandas().sort_values("soma_joinid")
         meta = dict(exp.metadata)
-    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "split"]
+    assert list(obs.columns) == ["soma_joinid", "obs_id", "dataset_id", "cell_type", "split", "nnz"]
     assert obs["soma_joinid"].tolist() == list(range(2000))
     assert obs["dataset_id"].tolist() == [f"ds{d:02d}" for d in range(4) for _ in range(500)]
     assert set(obs["cell_type"]) <= {f"c{k}" for k in range(10)} and obs["cell_type"].nunique() >= 8
