@@ -66,6 +66,8 @@ class SomaDataConfig:
     worker_processes: bool = False
     """Run the workers as torch DataLoader processes instead of threads (each forked process also holds a copy
     of the trainer's pages, which the budget does not bound)."""
+    prefetch_factor: int = 4
+    """Batches each DataLoader worker process reads ahead (`worker_processes=true` only; threads queue 4)."""
     library_size_stats_cells: int = 100_000
     """Cells (a seeded shuffled sample) behind the per-label log-library-size statistics that every checkpoint
     manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""
@@ -96,6 +98,8 @@ class SomaDataConfig:
             raise ValueError(
                 f"data.library_size_stats_cells must be >= 0, got {self.library_size_stats_cells}"
             )
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.memory_budget_mb < 1:
             raise ValueError(f"data.memory_budget_mb must be >= 1, got {self.memory_budget_mb}")
         if self.label_columns is not None and len(set(self.label_columns)) != len(self.label_columns):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from scldm_scale.config import ConfigError
 from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
-from scldm_scale.data.cells import iter_obs, select_cells
+from scldm_scale.data.cells import CellSelection, iter_obs, select_cells
 from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import make_soma_context, open_committed
 from scldm_scale.data.dataset import SomaCellDataset
@@ -225,9 +226,11 @@ class SomaLoader:
         seed_was_given: bool = True,
         multiprocessing_context: str | None = None,
         worker_processes: bool = False,
+        prefetch_factor: int = 4,
     ) -> None:
         self.dataset = dataset
         self.worker_processes = worker_processes
+        self.prefetch_factor = prefetch_factor
         self.num_workers = num_workers
         self.gene_vocab = gene_vocab
         self.label_vocabs = label_vocabs
@@ -311,7 +314,7 @@ class SomaLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 multiprocessing_context=self._mp_context,
-                prefetch_factor=4,
+                prefetch_factor=self.prefetch_factor,
             )
         elif self.num_workers > 0:
             source = iter_workers(spec, self._epoch, self._pieces)
@@ -410,47 +413,19 @@ def build_loader(
     num_workers = cfg.num_workers if num_workers is None else num_workers
     seed_value, seed_given = _resolve_seed(cfg, seed, world_size) if shuffle else (0, True)
     uri = atlas_uri or cfg.atlas_uri
-    with open_experiment(cfg, uri) as exp:
-        obs_cols = list(exp.obs.schema.names)
-        label_columns = resolve_label_columns(cfg, obs_cols, label_vocabs)
-        if value_filter is not _FROM_CONFIG and vf not in (cfg.value_filter, cfg.val_value_filter):
-            problems = check_value_filter("value_filter", vf, obs_cols, uri)
-            if problems:
-                raise ConfigError("; ".join(problems))
-        var = _read_var(exp, cfg)
-        if gene_vocab is None:
-            gene_vocab = _vocab_from_var(exp, cfg, var)
-        var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
-        if not (var_to_token > 0).any():
-            raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
-        block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
-        cells = select_cells(
-            exp,
-            exp.ms[cfg.measurement_name].X[cfg.layer_name],
-            vf,
-            label_columns=label_columns,
-            chunk_cells=cfg.shuffle_chunk_cells,
-            label_vocabs=label_vocabs,
-        )
-        snapshot = exp.tiledb_timestamp_ms  # workers read the state read here
-    label_vocabs = cells.label_vocabs
-    for c, unknown in cells.unknown_labels.items():
-        if unknown:
-            logger.info("label column %r: %d cells with unknown / null category -> id 0", c, unknown)
-    n_cells = len(cells.index)
-    if n_cells == 0:
-        logger.warning("value_filter %r selects no cells of %s", vf, uri)
+    opened = _select(cfg, uri, vf, gene_vocab, label_vocabs, check_filter=value_filter is not _FROM_CONFIG)
+    block_chunks = max(1, cfg.shuffle_buffer_cells // cfg.shuffle_chunk_cells) if shuffle else 1
     spec = LoaderSpec(
         uri=uri,
         s3_endpoint_url=cfg.s3_endpoint_url,
         s3_verify_tls=cfg.s3_verify_tls,
-        tiledb_timestamp=snapshot,
+        tiledb_timestamp=opened.snapshot,
         measurement_name=cfg.measurement_name,
         layer_name=cfg.layer_name,
-        index=cells.index,
-        label_vocabs=tuple(label_vocabs.values()),
-        chunk_nnz=cells.chunk_nnz,
-        var_to_token=var_to_token,
+        index=opened.cells.index,
+        label_vocabs=tuple(opened.cells.label_vocabs.values()),
+        chunk_nnz=opened.cells.chunk_nnz,
+        var_to_token=opened.var_to_token,
         batch_size=batch_size,
         chunk_cells=cfg.shuffle_chunk_cells,
         block_chunks=block_chunks,
@@ -464,39 +439,94 @@ def build_loader(
         num_workers=num_workers,
     )
     fingerprint = {
-        "n_cells": n_cells,
-        "obs_joinids_sha1": cells.index.sha1,
+        "n_cells": spec.n_cells,
+        "obs_joinids_sha1": spec.index.sha1,
         "chunk_cells": cfg.shuffle_chunk_cells,
         "block_chunks": block_chunks,
         "shuffle": shuffle,
         "seed": seed_value,
     }
-    order = spec.order(0)
-    first_unit, _ = spec.unit_plan(order, 1 if order.num_blocks > 1 else 0) if n_cells else (0, 0)
-    logger.info(
-        "loader rank %d/%d: %d cells (index: %s, %.2f B/cell), %d genes, %d batches/epoch of %d, blocks of %d "
-        "chunks x %d cells, unit <= %d cells; nnz per cell from %s",
-        rank,
-        world_size,
-        n_cells,
-        cells.index.encoding,
-        cells.index.nbytes / max(1, n_cells),
-        gene_vocab.num_genes,
-        rank_num_batches(n_cells, world_size=world_size, batch_size=batch_size, remainder=cfg.remainder),
-        batch_size,
-        block_chunks,
-        cfg.shuffle_chunk_cells,
-        first_unit,
-        cells.nnz_source,
-    )
+    _log_loader(spec, opened, vf)
     return SomaLoader(
         SomaCellDataset(spec),
         num_workers=num_workers,
-        gene_vocab=gene_vocab,
-        label_vocabs=label_vocabs,
+        gene_vocab=opened.gene_vocab,
+        label_vocabs=opened.cells.label_vocabs,
         fingerprint=fingerprint,
         epoch=epoch,
         seed_was_given=seed_given,
         multiprocessing_context=multiprocessing_context,
         worker_processes=cfg.worker_processes,
+        prefetch_factor=cfg.prefetch_factor,
+    )
+
+
+@dataclass
+class _Opened:
+    """What `build_loader` reads from the atlas, once, at one committed snapshot."""
+
+    gene_vocab: GeneVocab
+    var_to_token: np.ndarray
+    cells: CellSelection
+    snapshot: int | None
+
+
+def _select(
+    cfg: SomaDataConfig,
+    uri: str,
+    vf: str | None,
+    gene_vocab: GeneVocab | None,
+    label_vocabs: dict[str, LabelVocab] | None,
+    *,
+    check_filter: bool,
+) -> _Opened:
+    """Open and check the atlas, map its var to tokens and select the cells (`cells.select_cells`)."""
+    with open_experiment(cfg, uri) as exp:
+        obs_cols = list(exp.obs.schema.names)
+        label_columns = resolve_label_columns(cfg, obs_cols, label_vocabs)
+        if check_filter and vf not in (cfg.value_filter, cfg.val_value_filter):
+            problems = check_value_filter("value_filter", vf, obs_cols, uri)
+            if problems:
+                raise ConfigError("; ".join(problems))
+        var = _read_var(exp, cfg)
+        gene_vocab = _vocab_from_var(exp, cfg, var) if gene_vocab is None else gene_vocab
+        var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
+        if not (var_to_token > 0).any():
+            raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
+        cells = select_cells(
+            exp,
+            exp.ms[cfg.measurement_name].X[cfg.layer_name],
+            vf,
+            label_columns=label_columns,
+            chunk_cells=cfg.shuffle_chunk_cells,
+            label_vocabs=label_vocabs,
+        )
+        return _Opened(gene_vocab, var_to_token, cells, exp.tiledb_timestamp_ms)  # workers read this state
+
+
+def _log_loader(spec: LoaderSpec, opened: _Opened, vf: str | None) -> None:
+    for c, unknown in opened.cells.unknown_labels.items():
+        if unknown:
+            logger.info("label column %r: %d cells with unknown / null category -> id 0", c, unknown)
+    if spec.n_cells == 0:
+        logger.warning("value_filter %r selects no cells of %s", vf, spec.uri)
+        return
+    order = spec.order(0)
+    logger.info(
+        "loader rank %d/%d: %d cells (index: %s, %.2f B/cell), %d genes, %d batches/epoch of %d, blocks of %d "
+        "chunks x %d cells, unit <= %d cells; nnz per cell from %s",
+        spec.rank,
+        spec.world_size,
+        spec.n_cells,
+        spec.index.encoding,
+        spec.index.nbytes / spec.n_cells,
+        opened.gene_vocab.num_genes,
+        rank_num_batches(
+            spec.n_cells, world_size=spec.world_size, batch_size=spec.batch_size, remainder=spec.remainder
+        ),
+        spec.batch_size,
+        spec.block_chunks,
+        spec.chunk_cells,
+        spec.unit_plan(order, min(1, order.num_blocks - 1))[0],
+        opened.cells.nnz_source,
     )

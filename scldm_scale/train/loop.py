@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from scldm_scale.distributed import (
 from scldm_scale.tracking import CHECKPOINT_DIGEST_TAG, CHECKPOINT_TAG
 from scldm_scale.train.ema import EMA as EMAWeights
 from scldm_scale.train.preemption import StopSignals
+from scldm_scale.train.rank_stats import RANK_STATS_ENV, RankStats
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +167,15 @@ class Trainer:
         batches = self._batches()
         window = _Window()
         bar = self._progress_bar(max_steps)
+        rank_stats = RankStats() if os.environ.get(RANK_STATS_ENV) else None
         while self.step < stop_at:
             micro_batches, data_seconds = [], 0.0
             for _ in range(self.cfg_train.grad_accum_steps):
                 t0 = time.perf_counter()
                 micro_batches.append(next(batches))
                 data_seconds += time.perf_counter() - t0
+            if rank_stats is not None:
+                rank_stats.add(sum(_num_cells(b) for b in micro_batches), data_seconds)
             out = self.train_step(micro_batches)
             self.step += 1
             out.stop = out.stop and self.step < stop_at  # a request on the last step changes nothing
@@ -194,6 +199,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if rank_stats is not None:
+            rank_stats.write(Path(os.environ[RANK_STATS_ENV]))
         if self.step == max_steps and self.cfg_ckpt.enable_export_at_end and self.last_checkpoint is not None:
             if get_rank() == 0:
                 export_safetensors(self.last_checkpoint, self.last_checkpoint / "model.safetensors")

@@ -294,7 +294,7 @@ def test_missing_columns_are_one_line_config_errors(no_cell_type_atlas):
         build_loader(_cfg(no_cell_type_atlas, label_columns=["dataset_id", "cell_type"]), rank=0, world_size=1)
     message = str(info.value)
     assert "data.label_columns names 'cell_type'" in message and "\n" not in message
-    assert "(obs columns: soma_joinid, obs_id, dataset_id, batch, split)" in message
+    assert "(obs columns: soma_joinid, obs_id, dataset_id, batch, split, nnz)" in message
     match = r"data.value_filter=\"tissue == 'x'\": the atlas at .* no obs column 'tissue'"
     with pytest.raises(ConfigError, match=match):
         build_loader(_cfg(no_cell_type_atlas, value_filter="tissue == 'x'"), rank=0, world_size=1)
