@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scldm_scale.utils.seed import SEED_STRIDE
+
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU / CUDA, python, numpy) as tensors and ints."""
@@ -37,7 +39,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def reseed(seed: int, step: int, rank: int) -> None:
     """Deterministic fresh RNG streams for (seed, step, rank): used when the world size changed."""
-    derived = (seed * 1_000_003 + step * 10_007 + rank) % (2**63 - 1)
+    derived = (seed * SEED_STRIDE + step * 10_007 + rank) % (2**63 - 1)
     random.seed(derived)
     np.random.seed(derived % (2**32))
     torch.manual_seed(derived)

@@ -11,6 +11,14 @@ from typing import Literal
 
 from scldm_scale.config.tracking import TrackingConfig
 
+DEFAULT_NUM_HVG = 2000
+"""Highly variable genes the evaluation protocol scores in (CFGen's and the scLDM paper's choice)."""
+DEFAULT_NUM_PCS = 30
+"""Principal components of the protocol's distances, kNN classifier and UMAP (CFGen's choice)."""
+DEFAULT_MIN_CELLS_PER_CONDITION = 30
+"""Conditions with fewer real or generated cells are skipped: FD and energy distance on 30 PCs from fewer
+cells are dominated by the error of the estimated covariance / pairwise terms, not by the model."""
+
 
 @dataclass(kw_only=True)
 class ModelSourceConfig:
@@ -94,11 +102,11 @@ class ProtocolConfig:
     """Cap on evaluation cells (a seeded sample beyond it) and on the training cells sampled."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Each seed redraws the generated cells, the baseline, the ceiling's counts and the floor's cells."""
-    num_hvg: int = 2000
+    num_hvg: int = DEFAULT_NUM_HVG
     """Highly variable genes (seurat_v3 on raw counts of the training cells)."""
-    num_pcs: int = 30
+    num_pcs: int = DEFAULT_NUM_PCS
     """Principal components fitted on the evaluation cells (log1p of counts per 10k of each cell's total)."""
-    min_cells_per_condition: int = 30
+    min_cells_per_condition: int = DEFAULT_MIN_CELLS_PER_CONDITION
     """Conditions with fewer evaluation cells are reported with their n but not scored (FD and energy in 30
     PCs are dominated by covariance noise below this); the floor skips exactly the same conditions."""
     condition_columns: list[str] | None = None

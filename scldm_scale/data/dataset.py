@@ -1,8 +1,9 @@
 """`SomaCellDataset`: the slot streams of `stream.py` as a torch IterableDataset (one slot per DataLoader worker).
 
 `SomaLoader` uses it for DataLoader worker processes (`data.worker_processes=true`); use it directly with
-`DataLoader(ds, batch_size=None, num_workers=spec.num_workers)` after `set_work(...)`, calling
-`collate.unpack_batch` on what it yields (in the consumer: padded tensors are costly to send between processes).
+`DataLoader(ds, batch_size=None, num_workers=spec.num_workers)` after `set_work(...)` (without it, the whole of
+epoch 0), calling `collate.unpack_batch` on what it yields (in the consumer: padded tensors are costly to send
+between processes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class SomaCellDataset(IterableDataset):
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
         self.epoch = 0
-        self.pieces: list[Piece] = self.order(0).fresh_pieces()
+        self.pieces: list[Piece] | None = None  # work of `epoch` still to read; None = the whole epoch
 
     def order(self, epoch: int) -> EpochOrder:
         return self.spec.order(epoch)
@@ -39,5 +40,6 @@ class SomaCellDataset(IterableDataset):
             raise ValueError(
                 f"data.num_workers={self.spec.num_workers} but the DataLoader runs {num_workers} workers"
             )
-        for rb in iter_slot(self.spec, self.epoch, self.pieces, worker):
+        pieces = self.pieces if self.pieces is not None else self.order(self.epoch).fresh_pieces()
+        for rb in iter_slot(self.spec, self.epoch, pieces, worker):
             yield rb.pack()

@@ -31,14 +31,6 @@ class CellBlock:
     counts: np.ndarray  # float32 (nnz,)
     library_size: np.ndarray  # float32 (n,), over vocabulary genes
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.joinids, self.indptr, self.tokens, self.counts, self.library_size))
-
-    @property
-    def bytes_per_nnz(self) -> int:
-        return self.tokens.itemsize + self.counts.itemsize
-
 
 class TokenMap:
     """var soma_joinid -> token id, with the fast paths of a vocabulary built from this atlas's var."""

@@ -37,6 +37,7 @@ from scldm_scale.data.reader import (
     split_groups,
 )
 from scldm_scale.data.vocab import LabelVocab
+from scldm_scale.utils.seed import SEED_STRIDE
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class _Unit:
 
 def cap_seed(spec: LoaderSpec, epoch: int) -> int:
     """Seed of the token cap's gene subsampling in `epoch`."""
-    return int(mix64(np.array([spec.seed * 1_000_003 + epoch], np.uint64))[0])
+    return int(mix64(np.array([spec.seed * SEED_STRIDE + epoch], np.uint64))[0])
 
 
 def _units(

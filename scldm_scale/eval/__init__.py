@@ -2,7 +2,7 @@
 protocol (docs/evaluation.md) with its metrics and plots, the end-of-run report, and `run_generate` /
 `run_evaluate` behind `launchers/generate.py` and `launchers/evaluate.py` (in `eval/run.py`)."""
 
-from scldm_scale.eval.generation import generate, generate_cells, sample_latents, sampling_model
+from scldm_scale.eval.generation import generate, generate_cells, sample_latents
 from scldm_scale.eval.loading import Stage2Model, load_stage2
 from scldm_scale.eval.metrics import (
     distribution_metrics,
@@ -34,6 +34,5 @@ __all__ = [
     "per_condition_metrics",
     "preprocess",
     "sample_latents",
-    "sampling_model",
     "wasserstein2",
 ]

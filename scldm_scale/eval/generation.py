@@ -23,7 +23,6 @@ from torch import nn
 from scldm_scale.data.stats import LibrarySizeStats
 from scldm_scale.data.vocab import LabelVocab
 from scldm_scale.flow.samplers import sample_ode
-from scldm_scale.models.ema import EMA
 from scldm_scale.models.latent import LatentStats
 from scldm_scale.models.vae.likelihood import sample_nb
 from scldm_scale.models.vae.model import TransformerVAE
@@ -45,11 +44,6 @@ def cell_noise(seed: int, indices: Sequence[int], latent_shape: Sequence[int]
     x0 = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in gens])
     eps = torch.cat([torch.randn(1, generator=g, dtype=torch.float64) for g in gens])
     return gens, x0, eps
-
-
-def sampling_model(dit: nn.Module, ema: EMA | None = None, use_ema: bool = True) -> nn.Module:
-    """The network to sample with: the EMA copy when given and `use_ema`, else the raw DiT."""
-    return ema.module if (ema is not None and use_ema) else dit
 
 
 # ---------------------------------------------------------------------------------------------- conditions

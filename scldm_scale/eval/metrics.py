@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from scldm_scale.config.eval import DEFAULT_MIN_CELLS_PER_CONDITION, DEFAULT_NUM_HVG, DEFAULT_NUM_PCS
+
 logger = logging.getLogger(__name__)
 
 RBF_SIGMAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 METRICS = ("w2", "mmd2_unbiased", "fd", "energy")
-DEFAULT_MIN_CELLS_PER_CONDITION = 30
-"""Conditions with fewer real or generated cells are skipped: FD and energy distance on 30 PCs from fewer
-cells are dominated by the error of the estimated covariance / pairwise terms, not by the model."""
 
 _BLOCK_ENTRIES = 4_000_000  # pairwise distances held at once (32 MB of float64)
 
@@ -52,7 +51,7 @@ def _mean_variance_trend(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.polyval(np.polyfit(x, y, deg=2), x)
 
 
-def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
+def highly_variable_genes(counts: np.ndarray, n_top: int = DEFAULT_NUM_HVG) -> np.ndarray:
     """Indices (sorted) of the `n_top` most variable genes by seurat_v3 on raw counts (Stuart et al. 2019), as
     scanpy's `highly_variable_genes(flavor="seurat_v3")` computes it for one batch.
 
@@ -75,7 +74,7 @@ def highly_variable_genes(counts: np.ndarray, n_top: int = 2000) -> np.ndarray:
     return np.sort(np.argsort(-score, kind="stable")[: min(n_top, counts.shape[1])])
 
 
-def fit_pca(x: np.ndarray, n_components: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def fit_pca(x: np.ndarray, n_components: int = DEFAULT_NUM_PCS) -> tuple[np.ndarray, np.ndarray]:
     """(mean (F,), components (C, F)) of x (N, F) by SVD."""
     mean = x.mean(0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -88,8 +87,8 @@ def project(x: np.ndarray, pca: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return (x - mean) @ components.T
 
 
-def preprocess(real_counts: np.ndarray, gen_counts: np.ndarray, n_hvg: int = 2000,
-               n_components: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def preprocess(real_counts: np.ndarray, gen_counts: np.ndarray, n_hvg: int = DEFAULT_NUM_HVG,
+               n_components: int = DEFAULT_NUM_PCS) -> tuple[np.ndarray, np.ndarray]:
     """HVG on real -> log1p-CP10k -> PCA fitted on real; returns (real, generated) in PCA space."""
     hvg = highly_variable_genes(real_counts, n_hvg)
     real = log1p_normalize(np.asarray(real_counts)[:, hvg])

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from scldm_scale.config import LDMExperimentConfig
-from scldm_scale.config.eval import ProtocolConfig, SamplingConfig
+from scldm_scale.config.eval import DEFAULT_MIN_CELLS_PER_CONDITION, ProtocolConfig, SamplingConfig
 from scldm_scale.distributed import DistInfo, TrainEngine
 from scldm_scale.eval.evaluate import evaluate
 from scldm_scale.eval.loading import stage2_from_memory
@@ -77,7 +77,7 @@ def end_of_run_protocol(cfg: LDMExperimentConfig) -> ProtocolConfig:
         value_filter=cfg.data.val_value_filter if use_val else cfg.data.value_filter,
         max_cells=max(cfg.eval.num_cells, 4),
         seeds=[cfg.train.seed],
-        min_cells_per_condition=int(max(2, min(30, cfg.eval.num_cells // 10))),
+        min_cells_per_condition=int(max(2, min(DEFAULT_MIN_CELLS_PER_CONDITION, cfg.eval.num_cells // 10))),
     )
 
 

@@ -1,7 +1,9 @@
-"""Networks only (single-device): the stage-1 autoencoder, the stage-2 DiT, EMA, builders."""
+"""Networks only (single-device): the stage-1 autoencoder, the stage-2 DiT, builders.
+
+The EMA of the DiT weights is a training concern and works on engine shards: `scldm_scale.train.ema.EMA`.
+"""
 
 from scldm_scale.models.dit import DiT, guided_velocity
-from scldm_scale.models.ema import EMA
 from scldm_scale.models.latent import LatentStats
 from scldm_scale.models.output import LossOutput
 from scldm_scale.models.registry import (
@@ -14,7 +16,6 @@ from scldm_scale.models.registry import (
 from scldm_scale.models.vae import LatentPosterior, TransformerVAE, nb_log_prob, sample_nb
 
 __all__ = [
-    "EMA",
     "DiT",
     "LatentPosterior",
     "LatentStats",

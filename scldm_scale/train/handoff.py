@@ -40,6 +40,9 @@ from scldm_scale.train.ldm_step import encode_latents
 
 logger = logging.getLogger(__name__)
 
+LATENT_STATS_CELLS = 100_000
+"""Cached latents (the first cells in `soma_joinid` order) that `flow.latent_normalization=standardize` fits its
+scalar shift and scale on."""
 ENCODE_BATCH_SIZE = 256
 """Cells per encoding batch when the cache is built (no gradients, so larger than a training micro-batch)."""
 STAGE1_RUN_ID_TAG = "scldm.stage1.run_id"
@@ -233,7 +236,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
         shuffle=cfg.data.shuffle,
     )
     logger.info("latent cache: %s (%d cells, %.1f MiB)", cache_dir, loader.num_cells, need / 2**20)
-    _fit_latent_stats(cfg, stage1, loader.latent_sample(100_000))
+    _fit_latent_stats(cfg, stage1, loader.latent_sample(LATENT_STATS_CELLS))
     return loader
 
 
@@ -283,5 +286,5 @@ def _fit_latent_stats(cfg: LDMExperimentConfig, stage1: Stage1, latents: torch.T
         raise NotImplementedError(
             "flow.latent_normalization=standardize needs the latent cache (latent_cache.mode)"
         )
-    stage1.latent_stats = LatentStats.fit(latents[:100_000])
+    stage1.latent_stats = LatentStats.fit(latents[:LATENT_STATS_CELLS])
     stage1.tags["scldm.latent_stats"] = json.dumps(stage1.latent_stats.to_dict())

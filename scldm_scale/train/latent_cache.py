@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from scldm_scale.train.ldm_step import LATENTS
+from scldm_scale.utils.seed import SEED_STRIDE
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class LatentCacheLoader:
     def _epoch_order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_cells)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         return torch.randperm(self.num_cells, generator=g)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

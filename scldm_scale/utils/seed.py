@@ -6,6 +6,10 @@ import random
 
 import numpy as np
 
+SEED_STRIDE = 1_000_003
+"""Prime that spreads a run's seed before a counter is added (`seed * SEED_STRIDE + epoch`, or + step and
+rank), so the derived seeds of different (seed, counter) pairs differ while the counter stays below it."""
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and (if importable) torch."""

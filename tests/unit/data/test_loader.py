@@ -313,3 +313,13 @@ def test_value_filter_columns_and_the_split_hint():
         "current data_pipelines.ingest (it adds split) or set data.value_filter=null"
     )
     assert check_value_filter("data.value_filter", None, [], "/a") == []
+
+
+def test_dataset_alone_reads_the_whole_first_epoch(small_atlas):
+    from scldm_scale.data import SomaCellDataset
+    from scldm_scale.data.collate import unpack_batch
+
+    loader = build_loader(_cfg(small_atlas), rank=0, world_size=1)
+    ds = SomaCellDataset(loader.dataset.spec)
+    assert ds.pieces is None  # the epoch order is computed once, when iteration starts (or by set_work)
+    assert [j for p in ds for j in unpack_batch(p)["soma_joinid"].tolist()] == _joinids(loader)

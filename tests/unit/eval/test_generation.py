@@ -1,4 +1,4 @@
-"""Generation: library-size statistics from manifests, conditions, per-cell seeds, counts, EMA by default."""
+"""Generation: library-size statistics from manifests, conditions, per-cell seeds, counts, latent statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from scldm_scale.config.model import DiTConfig, VAEConfig
 from scldm_scale.data import LibrarySizeStats, LogNormalFit
 from scldm_scale.data.vocab import LabelVocab
-from scldm_scale.eval import generate, sample_latents, sampling_model
+from scldm_scale.eval import generate, sample_latents
 from scldm_scale.eval.generation import (
     Condition,
     expand_conditions,
@@ -20,7 +20,7 @@ from scldm_scale.eval.generation import (
     read_conditions_csv,
 )
 from scldm_scale.eval.run import label_mix
-from scldm_scale.models import EMA, LatentStats, build_dit, build_vae
+from scldm_scale.models import LatentStats, build_dit, build_vae
 
 VOCABS = {"dataset_id": LabelVocab("dataset_id", ["a", "b"]), "cell_type": LabelVocab("cell_type", ["B", "NK", "T"])}
 
@@ -121,20 +121,12 @@ def test_a_cell_depends_only_on_seed_and_index_not_on_its_batch():
     assert not torch.equal(other["counts"], whole["counts"])
 
 
-def test_sampling_uses_ema_and_latent_stats():
-    vae, dit = _models()
-    ema = EMA(dit, decay=0.5)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.1)
-    assert sampling_model(dit, ema) is ema.module and sampling_model(dit, ema, use_ema=False) is dit
+def test_sampling_applies_latent_stats():
+    _, dit = _models()
     kw = dict(sampler="heun", num_steps=3)
-    a = sample_latents(sampling_model(dit, ema), None, 2, generator=torch.Generator().manual_seed(0), **kw)
-    b = sample_latents(dit, None, 2, generator=torch.Generator().manual_seed(0), **kw)
-    assert not torch.allclose(a, b)
+    a = sample_latents(dit, None, 2, generator=torch.Generator().manual_seed(0), **kw)
     stats = LatentStats(shift=1.0, scale=2.0)
-    c = sample_latents(sampling_model(dit, ema), None, 2, generator=torch.Generator().manual_seed(0),
-                       latent_stats=stats, **kw)
+    c = sample_latents(dit, None, 2, generator=torch.Generator().manual_seed(0), latent_stats=stats, **kw)
     torch.testing.assert_close(c, a * 2.0 + 1.0)
     assert LatentStats.from_dict(LatentStats.fit(torch.randn(100, 3, 4) * 3 + 1).to_dict()).scale > 2.5
 

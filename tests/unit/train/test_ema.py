@@ -1,4 +1,5 @@
-"""The training EMA: warm-up copies, decay ramp, updates every k steps with the same horizon."""
+"""The EMA (the only one: engine-local shards): warm-up copies, decay ramp, updates every k steps with the same
+horizon, exact updates, and the state checkpoints keep."""
 
 from __future__ import annotations
 
@@ -44,3 +45,18 @@ def test_update_every_keeps_the_horizon_and_warmup_copies():
     assert torch.equal(warm.shadow["w"], torch.ones(3))
     with pytest.raises(ValueError, match="update_every"):
         EMA(_Params(), update_every=0)
+
+
+def test_update_is_exact_and_the_checkpointed_state_restores_the_step():
+    engine = _Params()
+    ema = EMA(engine, decay=0.5, warmup_steps=1)
+    engine.p["w"].fill_(1.0)
+    ema.update()  # step 1 <= warmup_steps: plain copy
+    assert torch.equal(ema.shadow["w"], torch.ones(3))
+    engine.p["w"].fill_(3.0)
+    ema.update()
+    assert torch.equal(ema.tensors()["w"], torch.full((3,), 2.0)) and ema.tensors() is ema.shadow
+    assert ema.state_dict() == {"num_updates": 2, "decay": 0.5}  # state.json keys of existing checkpoints
+    restored = EMA(_Params(), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 2

@@ -1,4 +1,4 @@
-"""Cross-field rules of the experiment roots (config only, no torch)."""
+"""Cross-field rules of the experiment roots (`scldm_scale/config/experiment.py`; config only, no torch)."""
 
 from __future__ import annotations
 
