@@ -1,17 +1,11 @@
 """Process group, collectives, and the data-parallel engines (DeepSpeed ZeRO 0-3, FSDP2) behind `TrainEngine`.
 
-Importing this package imports neither deepspeed nor FSDP; `build_engine` loads the chosen one.
+Modules: `engine` (the `TrainEngine` protocol), `parallelize` (blocks, activation checkpointing, compile),
+`deepspeed` / `fsdp` (the backends), `group` (process group, collectives), `faults` (failing together).
+Importing this package imports neither deepspeed nor FSDP; `scldm_scale.train.build_engine` loads the chosen one.
 """
 
-from scldm_scale.distributed.engine import (
-    OptimizerFactory,
-    SchedulerFactory,
-    TrainEngine,
-    apply_activation_checkpointing,
-    apply_compile,
-    build_engine,
-    iter_blocks,
-)
+from scldm_scale.distributed.engine import OptimizerFactory, SchedulerFactory, TrainEngine
 from scldm_scale.distributed.group import (
     DistInfo,
     all_reduce_max,
@@ -27,6 +21,7 @@ from scldm_scale.distributed.group import (
     init_distributed,
     resolve_device,
 )
+from scldm_scale.distributed.parallelize import apply_activation_checkpointing, apply_compile, iter_blocks
 
 __all__ = [
     "DistInfo",
@@ -42,7 +37,6 @@ __all__ = [
     "broadcast_object",
     "gather_object",
     "gather_object_all",
-    "build_engine",
     "destroy_distributed",
     "get_rank",
     "get_world_size",

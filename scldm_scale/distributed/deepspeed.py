@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from scldm_scale.config.engine import EngineConfig
-from scldm_scale.distributed.engine import OptimizerFactory, SchedulerFactory, clean_name
+from scldm_scale.distributed.engine import OptimizerFactory, SchedulerFactory
+from scldm_scale.distributed.parallelize import clean_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,20 +1,19 @@
-"""The `TrainEngine` protocol the loop talks to, and `build_engine`, the only place that picks an engine.
+"""The `TrainEngine` protocol the loop talks to, and the factory types an engine is built with.
 
-Parallelism is applied to a finished single-device model in a fixed order (torchtitan's
-`parallelize.py`): activation checkpointing, compile, then sharding (FSDP2 or DeepSpeed ZeRO).
+Protocol only: the backends (`distributed/deepspeed.py`, `distributed/fsdp.py`) implement it, the model
+transforms they share are in `distributed/parallelize.py`, and `scldm_scale.train.build_engine` is the one
+place that picks an engine. This module imports neither backend (an import-linter contract checks it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
-
-from scldm_scale.config.engine import EngineConfig
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 """Builds the optimizer over the (possibly sharded) trainable parameters."""
@@ -87,110 +86,3 @@ class TrainEngine(Protocol):
 
     def load(self, path: Path, *, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         """Collective: restore what `save` wrote (any world size), filling `tensors` in place."""
-
-
-def iter_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Blocks = elements of every outermost `nn.ModuleList` (transformer layers); units of AC and sharding."""
-    seen: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(name.startswith(s + ".") for s in seen):
-            seen.add(name)
-            for idx, block in enumerate(module):
-                yield f"{name}.{idx}", block
-
-
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Wrap every block in a non-reentrant checkpoint wrapper (FQNs stay loadable). Returns the count."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not name.count("_checkpoint_wrapped_module"):
-            for idx in range(len(module)):
-                if type(module[idx]).__name__ != "CheckpointWrapper":
-                    module[idx] = checkpoint_wrapper(module[idx])
-                    count += 1
-    return count
-
-
-def apply_compile(model: nn.Module) -> int:
-    """`torch.compile` each block in place (`nn.Module.compile` keeps parameter names). Returns the count."""
-    blocks = [block for _, block in iter_blocks(model)] or [model]
-    for block in blocks:
-        block.compile()
-    return len(blocks)
-
-
-def clean_name(name: str) -> str:
-    """Parameter name without activation-checkpoint / compile wrapper segments (the checkpoint key)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def trainable_names(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[str]:
-    """Names of the parameters to optimize: `params` (identity match) or every `requires_grad` one."""
-    if params is None:
-        return [n for n, p in model.named_parameters() if p.requires_grad]
-    wanted = {id(p) for p in params}
-    names = [n for n, p in model.named_parameters() if id(p) in wanted]
-    if len(names) != len(wanted):
-        raise ValueError("build_engine(params=...) contains tensors that are not parameters of the model")
-    return names
-
-
-def build_engine(
-    cfg: EngineConfig,
-    model: nn.Module,
-    *,
-    optimizer_factory: OptimizerFactory,
-    scheduler_factory: SchedulerFactory,
-    grad_clip_norm: float,
-    grad_accum_steps: int = 1,
-    precision: str = "fp32",
-    device: torch.device | str = "cpu",
-    params: Iterable[nn.Parameter] | None = None,
-) -> TrainEngine:
-    """Wrap a finished single-device model in the configured engine (needs a process group).
-
-    Most callers want `scldm_scale.train.build_engine`, which supplies the optimizer and LR schedule
-    from `OptimConfig`.
-
-    Args:
-        cfg: engine section.
-        model: the full model on any device; it is moved to `device`.
-        optimizer_factory: builds the optimizer over the trainable (possibly sharded) parameters.
-        scheduler_factory: builds the LR scheduler over that optimizer.
-        grad_clip_norm: clip threshold, 0 = off.
-        grad_accum_steps: micro-batches per optimizer step.
-        precision: fp32 or bf16 (bf16 params/compute, fp32 master weights and gradient reduction).
-        device: this rank's device.
-        params: trainable subset; frozen modules (the stage-2 VAE) must be left out. Default: every
-            parameter with requires_grad.
-    """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got {precision!r}")
-    device = torch.device(device)
-    names = trainable_names(model, params)
-    if not names:
-        raise ValueError("build_engine: the model has no trainable parameters")
-    if cfg.enable_activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.enable_compile:
-        apply_compile(model)
-    kwargs = dict(
-        optimizer_factory=optimizer_factory,
-        scheduler_factory=scheduler_factory,
-        grad_clip_norm=grad_clip_norm,
-        grad_accum_steps=grad_accum_steps,
-        precision=precision,
-        device=device,
-        trainable=names,
-    )
-    if cfg.name == "fsdp2":
-        from scldm_scale.distributed.fsdp import FSDPEngine
-
-        return FSDPEngine(cfg, model, **kwargs)
-    if cfg.name in ("zero0", "zero1", "zero2", "zero3"):
-        from scldm_scale.distributed.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, stage=int(cfg.name[-1]), **kwargs)
-    raise ValueError(f"engine.name must be one of zero0, zero1, zero2, zero3, fsdp2; got {cfg.name!r}")

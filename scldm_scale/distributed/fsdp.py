@@ -27,19 +27,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from scldm_scale.config.engine import EngineConfig
-from scldm_scale.distributed.engine import (
-    OptimizerFactory,
-    SchedulerFactory,
-    clean_name,
-    iter_blocks,
-)
+from scldm_scale.distributed.engine import OptimizerFactory, SchedulerFactory
+from scldm_scale.distributed.parallelize import clean_name, iter_blocks
 
 logger = logging.getLogger(__name__)
 
 DCP_DIR = "dcp"
 """Sub-directory of a checkpoint holding the DCP files."""
-FORWARD_METHODS = ("encode", "decode", "loss", "forward_with_cfg")
-"""Root methods other than forward that step functions may call; registered so FSDP2 unshards for them."""
+FORWARD_METHODS = ("encode", "decode", "loss")
+"""Root methods other than forward that step functions may call; registered so FSDP2 unshards for them.
+(The DiT's `forward_with_guidance` is not one: generation runs on a single-device copy of the weights.)"""
 
 
 class FSDPEngine:
@@ -145,7 +142,7 @@ class FSDPEngine:
 
 
 def _shard(model: nn.Module, mesh, cfg: EngineConfig, precision: str) -> nn.Module:
-    """fully_shard each block, then the root (which holds embeddings, heads and stray parameters)."""
+    """fully_shard each block the model names (`block_lists`), then the root (embeddings, heads, the rest)."""
     mp = None
     if precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

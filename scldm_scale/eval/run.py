@@ -226,8 +226,9 @@ def write_report(result: dict[str, Any], plot_data: dict[str, Any], out_dir: Pat
         source = np.concatenate([[n] * len(plot_data[n][0]) for n in names])
         cond = np.concatenate([plot_data[n][1] for n in names]).astype(str)
         xy = plots.umap_embedding(pcs, seed=int(result["protocol"]["seeds"][0]))
+        n_pcs = result["protocol"]["pca"]["n_components"]
         files.append(plots.plot_umap(xy, source, cond, out_dir / "umap_real_vs_generated.png",
-                                     title="UMAP of 30 PCs (fitted on real evaluation cells)"))
+                                     title=f"UMAP of {n_pcs} PCs (fitted on real evaluation cells)"))
     return files
 
 
@@ -272,7 +273,7 @@ def _track(cfg: EvaluateConfig, model: Stage2Model, result: dict[str, Any], file
         tracking = replace(tracking, run_name=default_run_name("eval", str(run_dir)))
     tags = {"scldm.stage": "eval", EVALUATED_RUN_TAG: str(model.manifest.get("mlflow_run_id")),
             EVALUATED_CHECKPOINT_TAG: str(model.checkpoint)}
-    tracker = build_logger(tracking, 0, tags=tags)
+    tracker = build_logger(tracking, tags=tags)
     status = "FAILED"
     try:
         tracker.log_params({f"protocol.{k}": json.dumps(v, default=str) if isinstance(v, (dict, list)) else v

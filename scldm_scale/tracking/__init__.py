@@ -2,8 +2,10 @@
 across server outages and job restarts: docs/tracking.md), run names, and read-only queries that compare
 runs (`find_runs`, `comparison_table`, `write_table`).
 
-mlflow is imported lazily: `tracking/mlflow.py` by `build_logger`, and inside the query functions of
-`tracking/runs.py`, so importing this package stays cheap.
+Modules: `base` (the roles, the null / stdout / memory / fan-out loggers, run tags), `factory` (`build_logger`,
+`get_run_tags`), `mlflow` (the MLflow logger), `spill` (its on-disk queue), `runs` (names, queries, tables).
+mlflow is imported lazily: `tracking/mlflow.py` by `build_logger` and `get_run_tags`, and inside the query
+functions of `tracking/runs.py`, so importing this package stays cheap.
 """
 
 from scldm_scale.tracking.base import (
@@ -17,10 +19,9 @@ from scldm_scale.tracking.base import (
     MetricLogger,
     NullLogger,
     StdoutLogger,
-    build_logger,
     format_metrics,
-    get_run_tags,
 )
+from scldm_scale.tracking.factory import build_logger, get_run_tags
 from scldm_scale.tracking.runs import (
     STAGE_TAG,
     RunSummary,

@@ -1,7 +1,8 @@
 """The `MetricLogger` protocol and the loggers that need no tracking server.
 
 Only rank 0 ever holds a real logger; every other rank holds a `NullLogger` that still knows the run id.
-No mlflow import here (see `tracking/mlflow.py`).
+No mlflow import here, and no import of `tracking/mlflow.py` (which imports this module): `build_logger`
+and `get_run_tags` live in `tracking/factory.py`. An import-linter contract checks it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
-
-from scldm_scale.config.tracking import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -177,55 +176,3 @@ class FanoutLogger:
                 lg.close(status)
             except Exception:  # noqa: BLE001 - teardown must reach every logger
                 logger.exception("closing %s failed", type(lg).__name__)
-
-
-def build_logger(
-    cfg: TrackingConfig,
-    rank: int,
-    *,
-    run_id: str | None = None,
-    run_key: str | None = None,
-    spill_dir: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> MetricLogger:
-    """The logger for this rank: the configured backend on rank 0, a `NullLogger` elsewhere.
-
-    Args:
-        cfg: the `tracking` config section.
-        rank: global rank of this process.
-        run_id: an existing MLflow run to continue (resume); None = the run tagged with `run_key`, created
-            (with that tag) when none is, possibly later, once the server answers.
-        run_key: the client-side identity of the run (tag `scldm.run_key`), e.g. `uuid4().hex` drawn by a
-            new job and kept in its checkpoints; None = the key of the records left in `spill_dir`, else a
-            new one.
-        spill_dir: folder (the run_dir) where records that could not reach the server are kept
-            and picked up again by the next job continuing the run.
-        tags: tags set when the run is opened.
-
-    Returns:
-        A `MetricLogger` whose `run_id` may stay None until the server answers and whose `run_key` is the one
-        in use. Non-zero ranks get `NullLogger(run_id, run_key)`; broadcast rank 0's values to fill them.
-    """
-    if rank != 0:
-        return NullLogger(run_id, run_key)
-    loggers: list[MetricLogger] = [StdoutLogger(run_id, run_key)] if cfg.enable_stdout else []
-    if cfg.backend == "mlflow":
-        from scldm_scale.tracking.mlflow import MLflowLogger  # mlflow is slow to import; rank 0 only
-
-        loggers.append(MLflowLogger(cfg, run_id=run_id, run_key=run_key, spill_dir=spill_dir, tags=tags))
-    elif cfg.backend == "stdout" and not cfg.enable_stdout:
-        loggers.append(StdoutLogger(run_id, run_key))
-    if not loggers:
-        return NullLogger(run_id, run_key)
-    return loggers[0] if len(loggers) == 1 else FanoutLogger(loggers)
-
-
-def get_run_tags(cfg: TrackingConfig, run_id: str) -> dict[str, str]:
-    """Tags of an existing MLflow run at `cfg.uri` (e.g. a stage-1 run's `RUN_DIR_TAG`, `CHECKPOINT_TAG`).
-
-    Raises:
-        ValueError: naming `stage1.mlflow_run_id` when the run cannot be found.
-    """
-    from scldm_scale.tracking.mlflow import run_tags  # mlflow is slow to import; only when asked
-
-    return run_tags(cfg, run_id)

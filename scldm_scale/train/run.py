@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from scldm_scale.checkpoint import read_meta, resume_candidate
 from scldm_scale.config import (
     ConfigError,
@@ -34,7 +32,6 @@ from scldm_scale.data.loader import SomaLoader, build_loader
 from scldm_scale.data.stats import library_size_stats
 from scldm_scale.distributed import (
     DistInfo,
-    TrainEngine,
     broadcast_object,
     destroy_distributed,
     init_distributed,
@@ -112,19 +109,6 @@ def _init(cfg: ExperimentConfig) -> DistInfo:
     return init_distributed(cfg.train.device, timeout_seconds=cfg.engine.collective_timeout_s)
 
 
-def _build_engine(cfg: ExperimentConfig, model: nn.Module, dist: DistInfo) -> TrainEngine:
-    """The configured engine with AdamW and the LR schedule over `train.max_steps`."""
-    return build_engine(
-        cfg.engine,
-        model,
-        optim_cfg=cfg.optim,
-        max_steps=cfg.train.max_steps,
-        precision=cfg.train.precision,
-        device=dist.device,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-    )
-
-
 @dataclass
 class _Job:
     """What teardown needs from a job body: the tracker to close and where training had got to."""
@@ -175,7 +159,10 @@ def _train_vae(cfg: VAEExperimentConfig, job: _Job) -> RunResult:
     data = open_training_data(cfg.data, dist, seed=cfg.train.seed)
     model = build_vae(cfg.model, data.gene_vocab.num_genes)
     n_params = num_parameters(model)  # before the engine shards it (ZeRO-3 leaves empty local tensors)
-    engine = _build_engine(cfg, model, dist)
+    engine = build_engine(
+        cfg.engine, model, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps, precision=cfg.train.precision,
+        device=dist.device, grad_accum_steps=cfg.train.grad_accum_steps,
+    )
     job.tracker = tracker = open_tracker(cfg, dist, tags={"scldm.stage": "vae"})
     log_run_start(tracker, cfg, dist, data, extra={"run.num_parameters": n_params})
     job.trainer = trainer = Trainer(
@@ -211,7 +198,10 @@ def _train_ldm(cfg: LDMExperimentConfig, job: _Job) -> RunResult:
     loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
     dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
     n_params = num_parameters(dit)
-    engine = _build_engine(cfg, dit, dist)
+    engine = build_engine(
+        cfg.engine, dit, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps, precision=cfg.train.precision,
+        device=dist.device, grad_accum_steps=cfg.train.grad_accum_steps,
+    )
     ema = EMA(
         engine,
         decay=cfg.flow.ema_decay,
@@ -313,7 +303,7 @@ def open_tracker(cfg: ExperimentConfig, dist: DistInfo, *, tags: dict[str, str])
             if run_id is None and tracking.run_name is None:
                 name = default_run_name(tags.get(STAGE_TAG, "run"), str(run_dir))
                 tracking = dataclasses.replace(tracking, run_name=name)
-            real = build_logger(tracking, 0, run_id=run_id, run_key=run_key, spill_dir=str(run_dir), tags=tags)
+            real = build_logger(tracking, run_id=run_id, run_key=run_key, spill_dir=str(run_dir), tags=tags)
             tracker: MetricLogger = FanoutLogger([real, MemoryLogger()])
             found = (tracker.run_id, tracker.run_key or run_key, "")
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so none waits forever

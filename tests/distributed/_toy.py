@@ -1,7 +1,7 @@
 """A tiny model, loss and deterministic in-memory loader for distributed tests (no SOMA, no models/).
 
-Sizes are odd on purpose (7, 13) so ZeRO / FSDP shards need padding; two blocks in an nn.ModuleList
-make FSDP2 shard per block as it does for the real models.
+Sizes are odd on purpose (7, 13) so ZeRO / FSDP shards need padding; two blocks in an nn.ModuleList,
+named by `block_lists`, make FSDP2 shard per block as it does for the real models.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ NUM_SAMPLES = 96
 
 class ToyModel(nn.Module):
     """embed -> [Linear, Tanh, Dropout] x num_blocks -> head."""
+
+    block_lists = ("blocks",)
+    """Named like the real models' blocks (`scldm_scale.distributed.parallelize`)."""
 
     def __init__(self, num_blocks: int = 2, dropout: float = 0.0) -> None:
         super().__init__()

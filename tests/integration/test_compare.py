@@ -19,7 +19,7 @@ def _log_run(root: Path, preset: str, lr: str, losses: list[float]) -> str:
     cfg = TrackingConfig(
         uri=f"sqlite:///{root / 'mlruns.db'}", enable_system_metrics=False, enable_stdout=False
     )
-    tracker = build_logger(cfg, 0, spill_dir=str(root / "runs" / preset), tags={"scldm.stage": "vae"})
+    tracker = build_logger(cfg, spill_dir=str(root / "runs" / preset), tags={"scldm.stage": "vae"})
     tracker.log_params({"optim.lr": lr, "train.seed": 0})
     for step, loss in enumerate(losses):
         tracker.log_metrics({"train/loss": loss, "sys/cells_per_second": 500.0}, step=step)

@@ -121,7 +121,7 @@ def _only_run(uri: str, experiment: str):
 def test_a_job_started_while_the_server_is_down_and_its_resume_share_one_run(server, tmp_path):
     server.kill()  # down at start (the first test of the module: not started yet)
     run_key, cfg = uuid.uuid4().hex, _cfg(server.uri, "offline-start")
-    first = build_logger(cfg, 0, run_key=run_key, spill_dir=str(tmp_path), tags={"scldm.stage": "vae"})
+    first = build_logger(cfg, run_key=run_key, spill_dir=str(tmp_path), tags={"scldm.stage": "vae"})
     first.log_params({"train.max_steps": 10})
     for step in range(1, 6):
         first.log_metrics({"train/loss": 1.0 / step}, step=step)
@@ -130,7 +130,7 @@ def test_a_job_started_while_the_server_is_down_and_its_resume_share_one_run(ser
 
     server.start()
     server.wait_ready()
-    resumed = build_logger(cfg, 0, run_id=None, run_key=run_key, spill_dir=str(tmp_path))
+    resumed = build_logger(cfg, run_id=None, run_key=run_key, spill_dir=str(tmp_path))
     for step in range(6, 11):
         resumed.log_metrics({"train/loss": 1.0 / step}, step=step)
     resumed.close()
@@ -148,7 +148,7 @@ def test_metrics_logged_across_a_server_crash_and_restart_are_stored_once(server
         server.start()
     server.wait_ready()
     cfg = _cfg(server.uri, "server-crash")
-    lg = build_logger(cfg, 0, run_key=uuid.uuid4().hex, spill_dir=str(tmp_path))
+    lg = build_logger(cfg, run_key=uuid.uuid4().hex, spill_dir=str(tmp_path))
     spill = tmp_path / "mlflow_pending.jsonl"
     step = 0
 

@@ -105,6 +105,10 @@ class DiT(nn.Module):
         label_cardinalities: K_j per label column (categories 1..K_j; 0 = null).
     """
 
+    block_lists = ("blocks",)
+    """The ModuleList whose elements are the transformer blocks: the units of activation checkpointing, compile
+    and FSDP2 sharding (`scldm_scale.distributed.parallelize`). The label tables are not blocks."""
+
     def __init__(self, cfg: DiTConfig, latent_shape: Sequence[int], label_cardinalities: Sequence[int]):
         super().__init__()
         self.cfg = cfg

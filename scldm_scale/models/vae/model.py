@@ -102,6 +102,10 @@ class TransformerVAE(nn.Module):
         num_genes: G, gene vocabulary size without padding (token ids 1..G, 0 = padding).
     """
 
+    block_lists = ("encoder.blocks", "decoder.blocks")
+    """The ModuleLists whose elements are the transformer blocks: the units of activation checkpointing,
+    compile and FSDP2 sharding (`scldm_scale.distributed.parallelize`). The MCAB pooling layers stay in the root."""
+
     def __init__(self, cfg: VAEConfig, num_genes: int):
         super().__init__()
         self.cfg = cfg

@@ -106,7 +106,7 @@ def test_the_run_is_created_with_its_key_when_the_store_comes_back(tmp_path, new
     blocker = tmp_path / "store"
     blocker.write_text("not a folder")  # sqlite:///.../store/m.db cannot be opened while this file exists
     cfg = _cfg(f"sqlite:///{blocker}/m.db")
-    lg = build_logger(cfg, 0, run_key="job3", spill_dir=str(tmp_path / "run"), tags={"scldm.stage": "vae"})
+    lg = build_logger(cfg, run_key="job3", spill_dir=str(tmp_path / "run"), tags={"scldm.stage": "vae"})
     lg.log_metrics({"loss": 1.0}, step=1)
     assert lg.run_id is None and lg.run_key == "job3"
     assert (tmp_path / "run" / PENDING_FILE).exists()

@@ -56,13 +56,11 @@ def test_config_rejects_folder_store_naming_the_key():
     TrackingConfig(uri="./anything", backend="none")  # the URI is unused without MLflow
 
 
-def test_non_zero_ranks_get_a_null_logger_that_knows_the_run_id():
-    cfg = TrackingConfig(backend="stdout")
-    lg = build_logger(cfg, rank=1, run_id="abc")
-    assert isinstance(lg, NullLogger) and not isinstance(lg, StdoutLogger)
-    assert lg.run_id == "abc"
-    assert isinstance(build_logger(cfg, rank=0), StdoutLogger)
-    assert type(build_logger(TrackingConfig(backend="none", enable_stdout=False), rank=0)) is NullLogger
+def test_build_logger_picks_the_backend_and_keeps_the_run_id():
+    lg = build_logger(TrackingConfig(backend="stdout"), run_id="abc", run_key="k")
+    assert isinstance(lg, StdoutLogger) and (lg.run_id, lg.run_key) == ("abc", "k")
+    off = build_logger(TrackingConfig(backend="none", enable_stdout=False), run_id="abc", run_key="k")
+    assert type(off) is NullLogger and (off.run_id, off.run_key) == ("abc", "k")
 
 
 def test_format_metrics_is_one_sorted_line():
@@ -87,7 +85,7 @@ def test_mlflow_run_roundtrip_and_resume(tmp_path, mlflow_records, new_store):
 
     cfg = TrackingConfig(uri=new_store(tmp_path / "m.db"), enable_system_metrics=False)
     (tmp_path / "config.yaml").write_text("a: 1\n")
-    lg = build_logger(cfg, rank=0, spill_dir=str(tmp_path), tags={"stage": "1"})
+    lg = build_logger(cfg, spill_dir=str(tmp_path), tags={"stage": "1"})
     assert isinstance(lg, FanoutLogger)
     lg.log_params({"train.max_steps": 5, "data.atlas_uri": "demo"})
     lg.log_metrics({"train/loss": 2.0}, step=1)

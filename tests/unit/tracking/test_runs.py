@@ -81,7 +81,7 @@ def _log_run(
     cfg = TrackingConfig(
         uri=uri, experiment_name=experiment, enable_system_metrics=False, enable_stdout=False
     )
-    tracker = build_logger(cfg, 0, spill_dir=str(run_dir), tags={"scldm.stage": stage})
+    tracker = build_logger(cfg, spill_dir=str(run_dir), tags={"scldm.stage": stage})
     tracker.log_params({"optim.lr": lr, "train.seed": 0, "data.atlas_uri": "demo"})
     for step, loss in enumerate(losses):
         tracker.log_metrics({"train/loss": loss, "sys/cells_per_second": 1000.0 + step}, step=step * 10)
@@ -112,9 +112,9 @@ def test_new_runs_get_meaningful_names_not_mlflows_random_ones(store, tmp_path: 
     assert names[2].startswith("ldm-demo-2")
     # tracking.run_name wins for a new run; a resumed run keeps the name it was given
     cfg = TrackingConfig(uri=uri, experiment_name="named", enable_system_metrics=False, enable_stdout=False)
-    named = build_logger(dataclasses.replace(cfg, run_name="mine"), 0, tags={"scldm.stage": "vae"})
+    named = build_logger(dataclasses.replace(cfg, run_name="mine"), tags={"scldm.stage": "vae"})
     named.close()
-    resumed = build_logger(cfg, 0, run_id=ids[0], spill_dir=str(tmp_path / "vae-other"))
+    resumed = build_logger(cfg, run_id=ids[0], spill_dir=str(tmp_path / "vae-other"))
     resumed.close()
     assert [r.name for r in find_runs(uri, [named.run_id, ids[0]])] == ["mine", names[0]]
 

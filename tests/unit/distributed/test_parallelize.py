@@ -1,5 +1,5 @@
 """Model transforms applied before sharding, without a process group: activation checkpointing keeps
-parameter names and gradients; block discovery follows nn.ModuleLists; frozen parameters stay out."""
+parameter names and gradients; blocks are the ModuleLists the model names in `block_lists`; frozen parameters stay out."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from scldm_scale.distributed import apply_activation_checkpointing, iter_blocks
-from scldm_scale.distributed.engine import clean_name, trainable_names
+from scldm_scale.distributed.parallelize import clean_name, trainable_names
 
 
 class Net(nn.Module):
+    block_lists = ("blocks",)
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
