@@ -1,6 +1,6 @@
 """Typed configuration: dataclass schemas, YAML files in configs/, key=value overrides. Torch-free."""
 
-from scldm_scale.config._load import ConfigError, load_config, to_flat_dict, to_yaml
+from scldm_scale.config._load import ConfigError, load_config, load_config_text, to_flat_dict, to_yaml
 from scldm_scale.config.checkpoint import CheckpointConfig
 from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
 from scldm_scale.config.engine import EngineConfig
@@ -28,6 +28,7 @@ __all__ = [
     "VAEConfig",
     "VAEExperimentConfig",
     "load_config",
+    "load_config_text",
     "to_flat_dict",
     "to_yaml",
 ]

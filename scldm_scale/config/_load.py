@@ -78,6 +78,24 @@ def load_config(root: type[T], paths: list[str | Path] | tuple = (), overrides: 
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"config file {path}: {_clean_message(exc)}") from None
+    return _with_overrides(cfg, overrides)
+
+
+def load_config_text(root: type[T], text: str, *, source: str = "config text") -> T:
+    """`load_config` from YAML text instead of files, e.g. the resolved config a checkpoint manifest carries.
+
+    Raises:
+        ConfigError: as `load_config`, naming `source` where a file would be named.
+    """
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(root), OmegaConf.create(text))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_clean_message(exc)}") from None
+    return _with_overrides(cfg, ())
+
+
+def _with_overrides(cfg: Any, overrides: list[str] | tuple) -> Any:
+    """Merge `key=value` overrides into a structured config and build its dataclass (running the checks)."""
     bad = [tok for tok in overrides if "=" not in tok]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")

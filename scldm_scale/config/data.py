@@ -48,11 +48,11 @@ class SomaDataConfig:
     """Two-level shuffle (chunk permutation + shuffle buffer); False reads sequentially."""
     seed: int | None = None
     """Shuffle seed; the order is a pure function of (seed, epoch). Required when shuffling on > 1 rank."""
-    shuffle_chunk_cells: int = 256
+    shuffle_chunk_cells: int = 512
     """Contiguous cells per read chunk (first shuffle level: chunks are permuted). Larger reads a little faster
     but mixes worse: atlases store datasets, donors and cell types in runs (benchmarks/README.md, loader)."""
     shuffle_buffer_cells: int = 131072
-    """Cells shuffled together (second level: a block of 512 chunks at the defaults); rounded down to whole
+    """Cells shuffled together (second level: a block of 256 chunks at the defaults); rounded down to whole
     chunks. A block larger than the memory budget allows is read in parts, still mixing all its chunks."""
     remainder: Literal["pad", "drop"] = "pad"
     """Equal batches on every rank: "pad" repeats cells (flagged `is_padding`), "drop" drops the tail."""

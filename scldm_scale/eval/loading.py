@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from scldm_scale.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from scldm_scale.config import ConfigError, LDMExperimentConfig, VAEExperimentConfig, load_config
+from scldm_scale.config import ConfigError, LDMExperimentConfig, VAEExperimentConfig, load_config_text
 from scldm_scale.config.eval import SamplingConfig
 from scldm_scale.config.tracking import TrackingConfig
 from scldm_scale.data.stats import LibrarySizeStats
@@ -36,6 +35,30 @@ from scldm_scale.models import DiT, LatentStats, TransformerVAE, build_dit, buil
 from scldm_scale.tracking import CHECKPOINT_DIGEST_TAG, CHECKPOINT_TAG, get_run_tags
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """The frozen stage-1 autoencoder and what came with its checkpoint, as stage 2 trains on it
+    (`train/handoff.load_stage1`; the end-of-run report reads it too)."""
+
+    checkpoint: Path
+    """Checkpoint directory the weights were read from."""
+    vae: TransformerVAE
+    """Frozen (requires_grad False, eval) on this rank's device."""
+    gene_vocab: GeneVocab
+    """The vocabulary the autoencoder was trained on (token ids must not change)."""
+    config_yaml: str
+    """Resolved stage-1 config."""
+    run_id: str | None
+    """Stage-1 MLflow run, if any."""
+    digest: str = ""
+    """sha256 of the checkpoint's meta.json (pinned in every stage-2 manifest)."""
+    latent_stats: LatentStats | None = None
+    """Scalar latent normalisation (flow.latent_normalization=standardize), fitted on cached latents
+    (`train/handoff.with_latent_stats`)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Lineage tags of the stage-2 run."""
 
 
 @dataclass
@@ -126,13 +149,10 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str
 
 def config_from_yaml(root: type, text: str, source: str):
     """A config dataclass from the resolved YAML a manifest carries."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(text)
-        try:
-            return load_config(root, [path])
-        except ValueError as exc:
-            raise ValueError(f"{source}: the stored config does not load with this version: {exc}") from None
+    try:
+        return load_config_text(root, text, source="the stored config")
+    except ValueError as exc:
+        raise ValueError(f"{source}: the stored config does not load with this version: {exc}") from None
 
 
 def checkpoint_of_run(tracking: TrackingConfig, run_id: str, dist: DistInfo, key: str) -> str:

@@ -16,9 +16,10 @@ import numpy as np
 
 from scldm_scale.config import LDMExperimentConfig
 from scldm_scale.config.eval import DEFAULT_MIN_CELLS_PER_CONDITION, ProtocolConfig, SamplingConfig
+from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import DistInfo, TrainEngine
 from scldm_scale.eval.evaluate import evaluate
-from scldm_scale.eval.loading import stage2_from_memory
+from scldm_scale.eval.loading import Stage1, stage2_from_memory
 from scldm_scale.eval.plots import plot_condition_bars, plot_generated_vs_real, plot_loss_curves
 from scldm_scale.models import build_dit
 from scldm_scale.tracking import MetricLogger
@@ -88,8 +89,8 @@ def evaluate_generation(
     *,
     engine: TrainEngine,
     ema: Any,
-    stage1: Any,
-    data: Any,
+    stage1: Stage1,
+    data: TrainingData,
     manifest: dict[str, Any],
 ) -> dict[str, float]:
     """Score the trained prior with the evaluation protocol (rank 0) and log `eval/*` and two plots.

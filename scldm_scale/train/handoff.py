@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,12 @@ from scldm_scale.config import (
     SomaDataConfig,
 )
 from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
+from scldm_scale.data import latent_cache
 from scldm_scale.data.loader import build_gene_vocab, build_loader
-from scldm_scale.data.vocab import GeneVocab
+from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
-from scldm_scale.eval.loading import checkpoint_of_run, load_autoencoder, verified
+from scldm_scale.eval.loading import Stage1, checkpoint_of_run, load_autoencoder, verified
 from scldm_scale.models import LatentStats
-from scldm_scale.models.vae import TransformerVAE
-from scldm_scale.train import latent_cache
 from scldm_scale.train.ldm_step import encode_latents
 
 logger = logging.getLogger(__name__)
@@ -49,28 +47,8 @@ STAGE1_RUN_ID_TAG = "scldm.stage1.run_id"
 """Stage-2 run tag: the stage-1 MLflow run."""
 STAGE1_CHECKPOINT_TAG = "scldm.stage1.checkpoint"
 """Stage-2 run tag: the stage-1 checkpoint directory loaded."""
-
-
-@dataclass
-class Stage1:
-    """The frozen stage-1 autoencoder and what came with its checkpoint."""
-
-    checkpoint: Path
-    """Checkpoint directory the weights were read from."""
-    vae: TransformerVAE
-    """Frozen (requires_grad False, eval) on this rank's device."""
-    gene_vocab: GeneVocab
-    """The vocabulary the autoencoder was trained on (token ids must not change)."""
-    config_yaml: str
-    """Resolved stage-1 config."""
-    run_id: str | None
-    """Stage-1 MLflow run, if any."""
-    digest: str = ""
-    """sha256 of the checkpoint's meta.json (pinned in every stage-2 manifest)."""
-    latent_stats: LatentStats | None = None
-    """Scalar latent normalisation (flow.latent_normalization=standardize), fitted on cached latents."""
-    tags: dict[str, str] = field(default_factory=dict)
-    """Lineage tags of the stage-2 run."""
+LATENT_STATS_TAG = "scldm.latent_stats"
+"""Stage-2 run tag: the fitted latent normalisation (JSON), when `flow.latent_normalization=standardize`."""
 
 
 def _stage1_location(cfg: LDMExperimentConfig, dist: DistInfo) -> tuple[str, str | None, bool]:
@@ -204,8 +182,12 @@ def cache_key(cfg: LDMExperimentConfig, atlas_uri: str, stage1: Stage1, label_co
     }
 
 
-def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: Stage1):
-    """The cached-latent loader, building the cache first if needed; None = encode on the fly.
+def latent_loader(
+    cfg: LDMExperimentConfig, dist: DistInfo, data: TrainingData, stage1: Stage1
+) -> tuple[latent_cache.LatentCacheLoader | None, LatentStats | None]:
+    """The cached-latent loader, building the cache first if needed (None = encode on the fly), and the latent
+    normalisation fitted on the cached latents (None with `flow.latent_normalization=none`; give it to the
+    run with `with_latent_stats`).
 
     With `latent_cache.mode=auto` the cache is used when `estimate_bytes` fits `latent_cache.max_bytes`.
     Every rank encodes its own partition of one unshuffled pass; rank 0 writes the index after a barrier.
@@ -221,8 +203,7 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
             need / 2**20,
             cfg.latent_cache.max_bytes / 2**20,
         )
-        _fit_latent_stats(cfg, stage1, None)
-        return None
+        return None, _fit_latent_stats(cfg, None)
     cache_dir = Path(cfg.latent_cache.dir or Path(cfg.train.run_dir) / "latent_cache")
     key = cache_key(cfg, data.atlas_uri, stage1, list(data.loader.label_vocabs))
     if not broadcast_object(latent_cache.cache_is_valid(cache_dir, key) if dist.rank == 0 else None):
@@ -236,12 +217,16 @@ def latent_loader(cfg: LDMExperimentConfig, dist: DistInfo, data: Any, stage1: S
         shuffle=cfg.data.shuffle,
     )
     logger.info("latent cache: %s (%d cells, %.1f MiB)", cache_dir, loader.num_cells, need / 2**20)
-    _fit_latent_stats(cfg, stage1, loader.latent_sample(LATENT_STATS_CELLS))
-    return loader
+    return loader, _fit_latent_stats(cfg, loader.latent_sample(LATENT_STATS_CELLS))
 
 
 def _build_cache(
-    cfg, dist: DistInfo, data: Any, stage1: Stage1, cache_dir: Path, key: dict[str, Any]
+    cfg: LDMExperimentConfig,
+    dist: DistInfo,
+    data: TrainingData,
+    stage1: Stage1,
+    cache_dir: Path,
+    key: dict[str, Any],
 ) -> None:
     """Encode one unshuffled pass of this rank's cells and write the shard; rank 0 indexes the shards."""
     logger.info("latent cache: encoding %d training cells into %s", data.loader.num_cells, cache_dir)
@@ -278,13 +263,21 @@ def _build_cache(
     barrier()
 
 
-def _fit_latent_stats(cfg: LDMExperimentConfig, stage1: Stage1, latents: torch.Tensor | None) -> None:
+def _fit_latent_stats(cfg: LDMExperimentConfig, latents: torch.Tensor | None) -> LatentStats | None:
     """`flow.latent_normalization=standardize` needs a scalar shift/scale; fit it on cached latents."""
     if cfg.flow.latent_normalization == "none":
-        return
+        return None
     if latents is None:
         raise NotImplementedError(
             "flow.latent_normalization=standardize needs the latent cache (latent_cache.mode)"
         )
-    stage1.latent_stats = LatentStats.fit(latents[:LATENT_STATS_CELLS])
-    stage1.tags["scldm.latent_stats"] = json.dumps(stage1.latent_stats.to_dict())
+    return LatentStats.fit(latents[:LATENT_STATS_CELLS])
+
+
+def with_latent_stats(stage1: Stage1, latent_stats: LatentStats | None) -> Stage1:
+    """`stage1` with the latent normalisation `latent_loader` fitted (step function, manifest, report) and its
+    run tag; unchanged for None."""
+    if latent_stats is None:
+        return stage1
+    tags = {**stage1.tags, LATENT_STATS_TAG: json.dumps(latent_stats.to_dict())}
+    return dataclasses.replace(stage1, latent_stats=latent_stats, tags=tags)

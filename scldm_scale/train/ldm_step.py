@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scldm_scale.data.latent_cache import LATENTS
 from scldm_scale.flow.loss import flow_matching_loss
 from scldm_scale.models.latent import LatentStats
 from scldm_scale.models.output import LossOutput
-
-LATENTS = "latents"
-"""Batch key of cached latents (B, M, L)."""
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ class TrainResult:
     final_step: int = 0
     """Optimizer steps completed."""
     cells_seen: int = 0
-    """Cells consumed over all ranks, whole run."""
+    """Cells consumed over all ranks, whole run (padded duplicates from `data.remainder=pad` included)."""
     last_checkpoint: Path | None = None
     """Checkpoint written last by this call."""
     stopped_by: str | None = None
@@ -96,7 +96,7 @@ class StepOutput:
     terms: dict[str, torch.Tensor]
     """Local micro-batch mean of each loss term (device)."""
     cells: int
-    """Cells in this step over all ranks."""
+    """Cells in this step over all ranks (batch rows, padded duplicates included)."""
     skipped: bool
     """True when the step was skipped."""
     stop: bool = False
@@ -106,6 +106,12 @@ class StepOutput:
 class Trainer:
     """Runs `step_fn` through `engine` for `train.max_steps` optimizer steps, with resume and checkpoints.
 
+    Padded cells (`batch["is_padding"]`, repeated by the loader's `data.remainder=pad` so every rank yields
+    the same number of batches) are trained on like any other cell: the loop passes the whole batch to
+    `step_fn`, whose loss is the mean over all B cells, and `cells_seen` / `StepOutput.cells` count every row
+    of a batch (its first dimension), duplicates included. At most `world_size * micro_batch_size - 1` cells
+    per epoch are such duplicates (DEVELOPERS.md, batch contract).
+
     Args:
         engine: from `build_engine`.
         step_fn: `step_fn(model, batch) -> LossOutput`; batch tensors are already on `engine.device`.
@@ -114,10 +120,13 @@ class Trainer:
         logger: anything with `log_metrics(dict, step)` (rank 0 gets the real one).
         cfg_train: loop settings (max_steps, accumulation, nonfinite policy, seed).
         cfg_ckpt: checkpoint interval, retention, resume mode, export.
-        run_dir: run directory (checkpoints under `<run_dir>/checkpoints/`).
+        run_dir: run directory (checkpoints under `<run_dir>/checkpoints/`); default `cfg_train.run_dir`.
+            The launchers leave it out; tests and benchmarks pass one to train outside the configured run_dir.
         manifest: stored in every checkpoint's meta.json (config yaml, gene vocab, library-size stats, run id).
         ema: optional `scldm_scale.train.ema.EMA`, updated after each applied step and checkpointed.
-        hooks: callables `hook(trainer)` run after every step (rank-symmetric; they may use collectives).
+        hooks: callables `hook(trainer)` run after every step, before logging and checkpointing
+            (rank-symmetric; they may use collectives). An extension point: the launchers pass none; tests
+            use it (also by appending to `trainer.hooks`, a plain list, before `train()`).
         log_interval_steps: `tracking.log_interval_steps`.
         stop_signals: optional `StopSignals`; once any rank has received one, every rank stops after the same
             step with a checkpoint (`TrainResult.stopped_by`).
@@ -132,8 +141,8 @@ class Trainer:
         logger: Any,
         cfg_train: TrainConfig,
         cfg_ckpt: CheckpointConfig,
-        run_dir: str | Path,
         manifest: dict[str, Any],
+        run_dir: str | Path | None = None,
         ema: EMAWeights | None = None,
         hooks: Iterable[Hook] | None = None,
         log_interval_steps: int = 10,
@@ -145,10 +154,10 @@ class Trainer:
         self.metric_logger = logger
         self.cfg_train = cfg_train
         self.cfg_ckpt = cfg_ckpt
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(cfg_train.run_dir if run_dir is None else run_dir)
         self.manifest = manifest
         self.ema = ema
-        self.hooks = list(hooks or [])
+        self.hooks: list[Hook] = list(hooks or [])
         self.log_interval_steps = log_interval_steps
         self.stop_signals = stop_signals
         self.step = 0
@@ -399,6 +408,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _num_cells(batch: dict[str, torch.Tensor]) -> int:
+    """Rows of the batch (its first tensor's first dimension): padded duplicates (`is_padding`) included."""
     for value in batch.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])

@@ -28,8 +28,9 @@ from scldm_scale.config import (
 )
 from scldm_scale.config.data import DEMO_ATLAS
 from scldm_scale.config.experiment import check_guidance_weights
-from scldm_scale.data.loader import SomaLoader, build_loader
+from scldm_scale.data.loader import build_loader
 from scldm_scale.data.stats import library_size_stats
+from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import (
     DistInfo,
     broadcast_object,
@@ -80,25 +81,6 @@ class RunResult:
     def exit_code(self) -> int:
         """0 when training reached train.max_steps; `EXIT_PREEMPTED` (75) when a signal stopped it after a checkpoint."""
         return EXIT_PREEMPTED if self.train.stopped_by else 0
-
-
-@dataclass
-class TrainingData:
-    """The resolved atlas, the training loader and its vocabularies."""
-
-    atlas_uri: str
-    """Resolved SOMA URI (the demo atlas path for "demo")."""
-    loader: SomaLoader
-    """This rank's training loader."""
-
-    @property
-    def gene_vocab(self):
-        return self.loader.gene_vocab
-
-    @property
-    def label_cardinalities(self) -> list[int]:
-        """K_j per label column (categories 1..K_j; 0 = unknown / null)."""
-        return [self.loader.label_vocabs[c].num_classes - 1 for c in self.loader.label_vocabs]
 
 
 def _init(cfg: ExperimentConfig) -> DistInfo:
@@ -172,7 +154,6 @@ def _train_vae(cfg: VAEExperimentConfig, job: _Job) -> RunResult:
         logger=tracker,
         cfg_train=cfg.train,
         cfg_ckpt=cfg.checkpoint,
-        run_dir=cfg.train.run_dir,
         log_interval_steps=cfg.tracking.log_interval_steps,
         manifest=build_manifest(cfg, data, tracker, dist),
         stop_signals=job.stops,
@@ -195,7 +176,9 @@ def _train_ldm(cfg: LDMExperimentConfig, job: _Job) -> RunResult:
     stage1 = handoff.load_stage1(cfg, dist)
     data = open_training_data(cfg.data, dist, seed=cfg.train.seed, stage1=stage1)
     check_guidance_weights(cfg, data.loader.label_columns)
-    loader = handoff.latent_loader(cfg, dist, data, stage1) or data.loader
+    cached, latent_stats = handoff.latent_loader(cfg, dist, data, stage1)
+    stage1 = handoff.with_latent_stats(stage1, latent_stats)
+    loader = cached or data.loader
     dit = build_dit(cfg.model, stage1.vae.latent_shape, data.label_cardinalities)
     n_params = num_parameters(dit)
     engine = build_engine(
@@ -226,7 +209,6 @@ def _train_ldm(cfg: LDMExperimentConfig, job: _Job) -> RunResult:
         logger=tracker,
         cfg_train=cfg.train,
         cfg_ckpt=cfg.checkpoint,
-        run_dir=cfg.train.run_dir,
         ema=ema,
         log_interval_steps=cfg.tracking.log_interval_steps,
         manifest=manifest,

@@ -13,6 +13,7 @@ from scldm_scale.config import (
     SomaDataConfig,
     VAEExperimentConfig,
     load_config,
+    load_config_text,
     to_flat_dict,
     to_yaml,
 )
@@ -91,6 +92,12 @@ def test_flatten_and_yaml_round_trip(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(LDMExperimentConfig, [path]) == cfg
+    assert load_config_text(LDMExperimentConfig, to_yaml(cfg)) == cfg  # a manifest's config_yaml, no file
+
+
+def test_yaml_text_names_its_source_and_key():
+    with pytest.raises(ConfigError, match=r"meta\.json.*model\.not_a_field"):
+        load_config_text(VAEExperimentConfig, "model:\n  not_a_field: 3\n", source="ckpt/meta.json")
 
 
 def test_config_error_is_a_one_line_value_error():

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from scldm_scale.train.ldm_step import LATENTS
 from scldm_scale.utils.seed import SEED_STRIDE
 
 logger = logging.getLogger(__name__)
+
+LATENTS = "latents"
+"""Batch key of cached latents (B, M, L) (`train/ldm_step.py` reads it)."""
 
 INDEX_FILE = "index.json"
 """The cache's table of contents, written by rank 0 once every shard exists."""

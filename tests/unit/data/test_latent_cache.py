@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scldm_scale.train.latent_cache import LATENTS, LatentCacheLoader, write_index, write_shard
+from scldm_scale.data.latent_cache import LATENTS, LatentCacheLoader, write_index, write_shard
 
 M, L = 3, 4
 
