@@ -522,7 +522,7 @@ def _csv(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layouts", type=_csv, default=["default", "census"])
     p.add_argument("--cells", type=int, default=200_000, help="cells of the default layout")
@@ -566,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atlas", help=argparse.SUPPRESS)
     p.add_argument("--filter", default="none", choices=sorted(FILTERS), help=argparse.SUPPRESS)
     p.add_argument("--mixing", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.atlas, args)))

@@ -558,7 +558,7 @@ def _cells(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help=f"small check: {QUICK}")
@@ -600,7 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-atlas", help=argparse.SUPPRESS)
     p.add_argument("--index-one", help=argparse.SUPPRESS)
     p.add_argument("--value-filter", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:

@@ -283,6 +283,29 @@ _LAYOUTS = {
 """layout -> (writer, obs columns, the metadata's label columns)."""
 
 
+def _check_sizes(layout: str, n_cells: int, n_genes: int, n_datasets: int, chunk_cells: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"layout={layout!r}: unknown synthetic atlas layout; choose one of {', '.join(LAYOUTS)}"
+        )
+    if n_cells < 1 or n_genes < 1 or not 1 <= n_datasets <= n_cells or chunk_cells < 1:
+        raise ValueError(
+            f"need cells >= datasets >= 1, genes >= 1, chunk_cells >= 1; got cells={n_cells}, genes={n_genes}, "
+            f"datasets={n_datasets}, chunk_cells={chunk_cells}"
+        )
+
+
+def _var_table(names: np.ndarray, n_cells_per_gene: np.ndarray) -> pd.DataFrame:
+    """var: synthetic feature ids SYNG000000.., the brain10k symbol each gene was drawn from, cells per gene."""
+    return pd.DataFrame(
+        {
+            "feature_id": [f"SYNG{j:06d}" for j in range(len(names))],
+            "feature_name": names,
+            "n_cells": n_cells_per_gene,
+        }
+    )
+
+
 def write_synthetic_atlas(
     uri: str,
     *,
@@ -310,15 +333,7 @@ def write_synthetic_atlas(
     Raises:
         ValueError: an unknown layout, bad sizes, or an atlas already exists at `uri`.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(
-            f"layout={layout!r}: unknown synthetic atlas layout; choose one of {', '.join(LAYOUTS)}"
-        )
-    if n_cells < 1 or n_genes < 1 or not 1 <= n_datasets <= n_cells or chunk_cells < 1:
-        raise ValueError(
-            f"need cells >= datasets >= 1, genes >= 1, chunk_cells >= 1; got cells={n_cells}, genes={n_genes}, "
-            f"datasets={n_datasets}, chunk_cells={chunk_cells}"
-        )
+    _check_sizes(layout, n_cells, n_genes, n_datasets, chunk_cells)
     ctx = soma_context(uri, s3_endpoint_url, s3_verify_tls)
     if atlas_exists(uri, ctx):
         raise ValueError(f"{uri}: an atlas already exists; remove it first")
@@ -334,14 +349,7 @@ def write_synthetic_atlas(
         ):
             writer = _ChunkWriter(exp, n_genes, bar)
             datasets, names = write_layout(writer, model, n_cells, n_genes, n_datasets, seed, chunk_cells)
-            var = pd.DataFrame(
-                {
-                    "feature_id": [f"SYNG{j:06d}" for j in range(n_genes)],
-                    "feature_name": names,
-                    "n_cells": writer.n_cells_per_gene,
-                }
-            )
-            write_var(exp, var)
+            write_var(exp, _var_table(names, writer.n_cells_per_gene))
         metadata = {
             META_DATASETS: json.dumps(datasets),
             META_LABEL_COLUMNS: json.dumps(list(labels)),
@@ -352,12 +360,11 @@ def write_synthetic_atlas(
         commit(target, ctx, timestamp, metadata)
     wall = time.perf_counter() - t0
     logger.info(
-        "wrote %s (%s layout): %d cells x %d genes in %d datasets, nnz %d, %.1f s",
+        "wrote %s (%s layout): %d cells x %d genes, nnz %d, %.1f s",
         uri,
         layout,
         n_cells,
         n_genes,
-        n_datasets,
         writer.nnz,
         wall,
     )

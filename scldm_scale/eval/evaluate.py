@@ -318,18 +318,8 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
                                             for c in samples["scldm"]]
     logger.info("evaluation: samples drawn in %.0f s; scoring", time.perf_counter() - t0)
 
-    generation = {}
-    for name, sets in samples.items():
-        try:
-            generation[name] = P.summarize([scorer.score(c) for c in tqdm(
-                sets, desc=f"scoring {name}", leave=False, disable=not progress)])
-        except ValueError as exc:
-            if name != "scldm_shuffled_labels":
-                raise
-            # renaming conditions can leave none with enough cells (e.g. one large condition)
-            generation[name] = {"skipped": str(exc)}
     result = {
-        "generation": generation,
+        "generation": _score_all(scorer, samples, progress),
         "knn_condition_acc_real": scorer.knn_on_real(),
         "reconstruction": recon,
         "classification": _classification(model, z_real, real, protocol, seeds[0]),
@@ -344,6 +334,21 @@ def evaluate(model: Stage2Model, protocol: ProtocolConfig, sampling: SamplingCon
                  **{k: (space.pcs(v[0]), v[0].conditions) for k, v in samples.items()
                     if k in ("scldm", "gaussian_baseline", *(external or {}))}}
     return result, plot_data
+
+
+def _score_all(scorer: P.Scorer, samples: dict[str, list[P.CellSet]], progress: bool) -> dict[str, Any]:
+    """Every source's per-seed scores, summarised; the shuffled-label control may have no condition left."""
+    generation = {}
+    for name, sets in samples.items():
+        try:
+            generation[name] = P.summarize([scorer.score(c) for c in tqdm(
+                sets, desc=f"scoring {name}", leave=False, disable=not progress)])
+        except ValueError as exc:
+            if name != "scldm_shuffled_labels":
+                raise
+            # renaming conditions can leave none with enough cells (e.g. one large condition)
+            generation[name] = {"skipped": str(exc)}
+    return generation
 
 
 def _ceiling_and_reconstruction(model: Stage2Model, sampler: Sampler, real: RealCells, real_set: P.CellSet,
