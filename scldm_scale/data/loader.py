@@ -331,6 +331,58 @@ class SomaLoader:
             raise RuntimeError(f"loader yielded {self._consumed} batches, expected {expected}")
         self._complete = self._finished_here = True
 
+    # -- variants --------------------------------------------------------------------------------------
+    def derive(
+        self,
+        *,
+        shuffle: bool | None = None,
+        chunk_cells: int | None = None,
+        buffer_cells: int | None = None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int | None = None,
+    ) -> SomaLoader:
+        """A loader over the same cells, atlas snapshot, genes and labels in another order or partition, without
+        opening the atlas again (e.g. the library-size sample, the latent-cache pass). Unset arguments keep
+        this loader's values; it starts at epoch 0. A chunk size that differs from this loader's takes each new
+        chunk's nnz from the old chunk holding its first cell (units stay sized by the same measurements).
+        """
+        s = self.dataset.spec
+        chunk = s.chunk_cells if chunk_cells is None else chunk_cells
+        shuffle = s.shuffle if shuffle is None else shuffle
+        if chunk == s.chunk_cells:
+            chunk_nnz = s.chunk_nnz
+        else:
+            firsts = np.arange(0, s.n_cells, chunk) // s.chunk_cells
+            chunk_nnz = s.chunk_nnz[firsts] if len(s.chunk_nnz) else s.chunk_nnz
+        buffer = (s.block_chunks * s.chunk_cells) if buffer_cells is None else buffer_cells
+        spec = LoaderSpec(
+            **{
+                **s.__dict__,
+                "chunk_cells": chunk,
+                "chunk_nnz": chunk_nnz,
+                "block_chunks": max(1, buffer // chunk) if shuffle else 1,
+                "shuffle": shuffle,
+                "seed": s.seed if seed is None else int(seed),
+                "batch_size": s.batch_size if batch_size is None else batch_size,
+                "num_workers": s.num_workers if num_workers is None else num_workers,
+                "rank": s.rank if rank is None else rank,
+                "world_size": s.world_size if world_size is None else world_size,
+            }
+        )
+        return SomaLoader(
+            SomaCellDataset(spec),
+            num_workers=spec.num_workers,
+            gene_vocab=self.gene_vocab,
+            label_vocabs=self.label_vocabs,
+            fingerprint=_fingerprint(spec),
+            multiprocessing_context=self._mp_context,
+            worker_processes=self.worker_processes,
+            prefetch_factor=self.prefetch_factor,
+        )
+
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain python (JSON-able) state: the same on every rank."""
@@ -438,21 +490,13 @@ def build_loader(
         world_size=world_size,
         num_workers=num_workers,
     )
-    fingerprint = {
-        "n_cells": spec.n_cells,
-        "obs_joinids_sha1": spec.index.sha1,
-        "chunk_cells": cfg.shuffle_chunk_cells,
-        "block_chunks": block_chunks,
-        "shuffle": shuffle,
-        "seed": seed_value,
-    }
     _log_loader(spec, opened, vf)
     return SomaLoader(
         SomaCellDataset(spec),
         num_workers=num_workers,
         gene_vocab=opened.gene_vocab,
         label_vocabs=opened.cells.label_vocabs,
-        fingerprint=fingerprint,
+        fingerprint=_fingerprint(spec),
         epoch=epoch,
         seed_was_given=seed_given,
         multiprocessing_context=multiprocessing_context,
@@ -502,6 +546,18 @@ def _select(
             label_vocabs=label_vocabs,
         )
         return _Opened(gene_vocab, var_to_token, cells, exp.tiledb_timestamp_ms)  # workers read this state
+
+
+def _fingerprint(spec: LoaderSpec) -> dict[str, Any]:
+    """What a saved loader state must match to be resumed: the cells (their joinids' hash) and the order."""
+    return {
+        "n_cells": spec.n_cells,
+        "obs_joinids_sha1": spec.index.sha1,
+        "chunk_cells": spec.chunk_cells,
+        "block_chunks": spec.block_chunks,
+        "shuffle": spec.shuffle,
+        "seed": spec.seed,
+    }
 
 
 def _log_loader(spec: LoaderSpec, opened: _Opened, vf: str | None) -> None:

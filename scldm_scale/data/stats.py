@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from scldm_scale.config.data import SomaDataConfig
-from scldm_scale.data.loader import _FROM_CONFIG, build_loader
+from scldm_scale.data.loader import _FROM_CONFIG, SomaLoader, build_loader
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 
 SAMPLE_CHUNK_CELLS = 16
@@ -177,31 +177,47 @@ def library_size_stats(
     batch_size: int = 4096,
     max_cells: int | None = None,
     seed: int = 0,
+    from_loader: SomaLoader | None = None,
 ) -> dict[str, Any]:
     """`LibrarySizeStats` of the filtered cells, as the JSON-able dict that manifests store (`to_dict`).
 
     With `max_cells`, the statistics come from the first `max_cells` cells of a seeded shuffled pass in chunks
     of `SAMPLE_CHUNK_CELLS` (a sample of thousands of runs spread over every dataset of the atlas, where the
     training chunks of 2,048 cells would cover only a few dozen), not from every cell. Cells with library
-    size 0 are left out.
+    size 0 are left out. `from_loader` (the training loader) gives the cells, snapshot and vocabularies
+    without opening the atlas again (`SomaLoader.derive`; `gene_vocab`, `label_vocabs`, `atlas_uri` and
+    `value_filter` are then its own).
     """
-    if max_cells is not None:
-        cfg = replace(
-            cfg, shuffle_chunk_cells=SAMPLE_CHUNK_CELLS, shuffle_buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells)
+    sample = max_cells is not None
+    if from_loader is not None:  # same cells, snapshot and vocabularies: the atlas is not opened again
+        loader = from_loader.derive(
+            shuffle=sample,
+            chunk_cells=SAMPLE_CHUNK_CELLS if sample else None,
+            buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells) if sample else None,
+            batch_size=batch_size,
+            num_workers=0,
+            rank=0,
+            world_size=1,
+            seed=(cfg.seed if cfg.seed is not None else seed) if sample else 0,
         )
-    loader = build_loader(
-        cfg,
-        rank=0,
-        world_size=1,
-        gene_vocab=gene_vocab,
-        label_vocabs=label_vocabs,
-        atlas_uri=atlas_uri,
-        value_filter=value_filter,
-        seed=seed,
-        shuffle=max_cells is not None,
-        batch_size=batch_size,
-        num_workers=0,
-    )
+    else:
+        if sample:
+            cfg = replace(
+                cfg, shuffle_chunk_cells=SAMPLE_CHUNK_CELLS, shuffle_buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells)
+            )
+        loader = build_loader(
+            cfg,
+            rank=0,
+            world_size=1,
+            gene_vocab=gene_vocab,
+            label_vocabs=label_vocabs,
+            atlas_uri=atlas_uri,
+            value_filter=value_filter,
+            seed=seed,
+            shuffle=sample,
+            batch_size=batch_size,
+            num_workers=0,
+        )
     acc = _Accumulator()
     seen = 0
     for batch in loader:

@@ -29,7 +29,7 @@ from scldm_scale.config import (
 )
 from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
 from scldm_scale.data import latent_cache
-from scldm_scale.data.loader import build_gene_vocab, build_loader
+from scldm_scale.data.loader import build_gene_vocab
 from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
 from scldm_scale.eval.loading import Stage1, checkpoint_of_run, load_autoencoder, verified
@@ -230,16 +230,8 @@ def _build_cache(
 ) -> None:
     """Encode one unshuffled pass of this rank's cells and write the shard; rank 0 indexes the shards."""
     logger.info("latent cache: encoding %d training cells into %s", data.loader.num_cells, cache_dir)
-    loader = build_loader(
-        cfg.data,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        gene_vocab=stage1.gene_vocab,
-        label_vocabs=data.loader.label_vocabs,
-        atlas_uri=data.atlas_uri,
-        shuffle=False,
-        batch_size=max(cfg.data.micro_batch_size, ENCODE_BATCH_SIZE),
-    )
+    # The training loader's cells, snapshot and vocabularies (stage 1's genes), unshuffled: no second open.
+    loader = data.loader.derive(shuffle=False, seed=0, batch_size=max(cfg.data.micro_batch_size, ENCODE_BATCH_SIZE))
     total = len(loader)
 
     def batches():

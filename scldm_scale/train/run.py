@@ -366,11 +366,9 @@ def build_manifest(
         "label_vocabs": {c: v.to_json() for c, v in data.loader.label_vocabs.items()},
         "library_size_stats": library_size_stats(
             cfg.data,
-            gene_vocab=data.gene_vocab,
-            label_vocabs=data.loader.label_vocabs,
-            atlas_uri=data.atlas_uri,
             max_cells=cfg.data.library_size_stats_cells or None,
             seed=cfg.train.seed,
+            from_loader=data.loader,
         )
         if dist.rank == 0
         else None,

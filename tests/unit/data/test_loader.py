@@ -323,3 +323,27 @@ def test_dataset_alone_reads_the_whole_first_epoch(small_atlas):
     ds = SomaCellDataset(loader.dataset.spec)
     assert ds.pieces is None  # the epoch order is computed once, when iteration starts (or by set_work)
     assert [j for p in ds for j in unpack_batch(p)["soma_joinid"].tolist()] == _joinids(loader)
+
+
+def test_derived_loaders_match_fresh_ones_without_opening_the_atlas(small_atlas, monkeypatch):
+    """`SomaLoader.derive` (library-size sample, latent-cache pass) yields what `build_loader` would, reusing the
+    training loader's selection: the atlas is not opened again."""
+    from scldm_scale.data.stats import library_size_stats
+
+    cfg = SomaDataConfig(
+        atlas_uri=small_atlas, micro_batch_size=8, seed=3, shuffle_chunk_cells=32, shuffle_buffer_cells=128
+    )
+    train = build_loader(cfg, rank=0, world_size=2)
+    fresh_cache = build_loader(cfg, rank=1, world_size=2, shuffle=False, batch_size=16)
+    fresh_stats = library_size_stats(cfg, max_cells=200, seed=5, batch_size=16)
+    fresh_all = library_size_stats(cfg, batch_size=16)
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("derive opened the atlas")
+
+    monkeypatch.setattr("scldm_scale.data.loader.open_experiment", no_open)
+    cache = train.derive(shuffle=False, seed=0, rank=1, batch_size=16)
+    assert [b["soma_joinid"].tolist() for b in cache] == [b["soma_joinid"].tolist() for b in fresh_cache]
+    assert library_size_stats(cfg, max_cells=200, seed=5, batch_size=16, from_loader=train) == fresh_stats
+    assert library_size_stats(cfg, batch_size=16, from_loader=train) == fresh_all
+    assert train.derive().state_dict()["fingerprint"] == train.state_dict()["fingerprint"]
