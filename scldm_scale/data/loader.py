@@ -29,6 +29,10 @@ from scldm_scale.utils.env import get_rank, get_world_size
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+class NoSharedGenesError(ValueError):
+    """The atlas var and the gene vocabulary given to `build_loader` have no gene in common."""
 _FROM_CONFIG: Any = object()
 
 
@@ -536,7 +540,7 @@ def _select(
         gene_vocab = _vocab_from_var(exp, cfg, var) if gene_vocab is None else gene_vocab
         var_to_token = gene_vocab.var_to_token(var["feature_id"].tolist(), var["soma_joinid"].to_numpy())
         if not (var_to_token > 0).any():
-            raise ValueError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
+            raise NoSharedGenesError(f"no gene of the atlas var {uri!r} is in the gene vocabulary (feature_id keys)")
         cells = select_cells(
             exp,
             exp.ms[cfg.measurement_name].X[cfg.layer_name],

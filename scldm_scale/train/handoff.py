@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scldm_scale.checkpoint import (
@@ -25,11 +26,10 @@ from scldm_scale.checkpoint import (
 from scldm_scale.config import (
     ConfigError,
     LDMExperimentConfig,
-    SomaDataConfig,
 )
 from scldm_scale.config.experiment import DEFAULT_STAGE1_RUN_DIR
 from scldm_scale.data import latent_cache
-from scldm_scale.data.loader import build_gene_vocab
+from scldm_scale.data.loader import SomaLoader
 from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import DistInfo, barrier, broadcast_object
 from scldm_scale.eval.loading import Stage1, checkpoint_of_run, load_autoencoder, verified
@@ -149,22 +149,25 @@ def load_stage1(cfg: LDMExperimentConfig, dist: DistInfo) -> Stage1:
     return Stage1(ckpt, vae, gene_vocab, manifest["config_yaml"], run_id, digest=manifest_digest(ckpt), tags=tags)
 
 
-def check_vocabulary(data_cfg: SomaDataConfig, atlas_uri: str, stage1: Stage1) -> None:
-    """Every gene of the stage-1 vocabulary must be in the atlas var (token ids keep their meaning).
+def check_vocabulary(loader: SomaLoader | None, atlas_uri: str, stage1: Stage1) -> None:
+    """Every gene of the stage-1 vocabulary must be in the atlas var (token ids keep their meaning), read from
+    the training loader's var -> token map (no second open). `loader=None`: no gene is shared at all.
 
     Raises:
         ValueError: listing how many and which genes are missing.
     """
-    atlas = build_gene_vocab(dataclasses.replace(data_cfg, min_gene_cells=0), atlas_uri=atlas_uri)
-    present = set(atlas.feature_ids)
-    missing = [g for g in stage1.gene_vocab.feature_ids if g not in present]
+    vocab = stage1.gene_vocab
+    var_to_token = loader.dataset.spec.var_to_token if loader is not None else np.zeros(0, np.int64)
+    present = np.zeros(vocab.num_genes + 1, bool)
+    present[var_to_token[var_to_token > 0]] = True
+    missing = [g for t, g in enumerate(vocab.feature_ids, start=1) if not present[t]]
     if missing:
         raise ValueError(
             f"gene vocabulary mismatch: the stage-1 autoencoder ({stage1.checkpoint}) was trained on "
-            f"{stage1.gene_vocab.num_genes} genes, {len(missing)} of them are not in data.atlas_uri={atlas_uri!r} "
-            f"({atlas.num_genes} genes), e.g. {missing[:5]}; train stage 2 on the stage-1 atlas or retrain stage 1"
+            f"{vocab.num_genes} genes, {len(missing)} of them are not in data.atlas_uri={atlas_uri!r}, "
+            f"e.g. {missing[:5]}; train stage 2 on the stage-1 atlas or retrain stage 1"
         )
-    extra = len(present) - stage1.gene_vocab.num_genes
+    extra = int((var_to_token == 0).sum())
     if extra > 0:
         logger.warning("the atlas has %d genes the stage-1 vocabulary lacks; they are ignored", extra)
 

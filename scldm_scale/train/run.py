@@ -28,7 +28,7 @@ from scldm_scale.config import (
 )
 from scldm_scale.config.data import DEMO_ATLAS
 from scldm_scale.config.experiment import check_guidance_weights
-from scldm_scale.data.loader import build_loader
+from scldm_scale.data.loader import NoSharedGenesError, build_loader
 from scldm_scale.data.stats import library_size_stats
 from scldm_scale.data.training_data import TrainingData
 from scldm_scale.distributed import (
@@ -235,16 +235,22 @@ def open_training_data(
         from data_pipelines.demo import ensure_demo_atlas  # lazy: only the demo needs the ingestion code
 
         uri = ensure_demo_atlas()
+    try:
+        loader = build_loader(
+            data_cfg,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            atlas_uri=uri,
+            seed=seed,
+            gene_vocab=stage1.gene_vocab if stage1 is not None else None,
+        )
+    except NoSharedGenesError:
+        if stage1 is None:
+            raise
+        handoff.check_vocabulary(None, uri, stage1)  # raises the vocabulary mismatch, naming the genes
+        raise
     if stage1 is not None:
-        handoff.check_vocabulary(data_cfg, uri, stage1)
-    loader = build_loader(
-        data_cfg,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        atlas_uri=uri,
-        seed=seed,
-        gene_vocab=stage1.gene_vocab if stage1 is not None else None,
-    )
+        handoff.check_vocabulary(loader, uri, stage1)
     return TrainingData(atlas_uri=uri, loader=loader)
 
 

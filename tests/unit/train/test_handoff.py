@@ -63,3 +63,25 @@ def test_no_normalisation_means_no_stats(tmp_path):
     loader, stats = handoff.latent_loader(cfg, dist, data, stage1)
     assert loader is not None and stats is None
     assert handoff.with_latent_stats(stage1, None) is stage1
+
+
+def test_vocabulary_check_reads_the_training_loader(tmp_path):
+    """Stage 2 checks the stage-1 genes against the training loader's var map: no second atlas open."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from soma_test_atlas import gene_ids, write_test_atlas
+
+    from scldm_scale.config.data import SomaDataConfig
+    from scldm_scale.data import build_loader
+
+    uri = write_test_atlas(str(tmp_path / "a"), n_cells=60, n_genes=12)
+    cfg = SomaDataConfig(atlas_uri=uri, seed=0, micro_batch_size=8)
+    shared = GeneVocab.from_var(gene_ids(12)[:10])  # the atlas has 2 more genes: a warning, not an error
+    handoff.check_vocabulary(build_loader(cfg, gene_vocab=shared), uri, Stage1(tmp_path, None, shared, "", "r"))
+    vocab = GeneVocab.from_var([*gene_ids(12)[:10], "NOT_IN_ATLAS"])
+    loader = build_loader(cfg, gene_vocab=vocab)
+    with pytest.raises(ValueError, match=r"gene vocabulary mismatch.*1 of them are not in .*NOT_IN_ATLAS"):
+        handoff.check_vocabulary(loader, uri, Stage1(tmp_path, None, vocab, "", "r"))
+    with pytest.raises(ValueError, match="11 of them are not in"):  # nothing shared: the loader could not open
+        handoff.check_vocabulary(None, uri, Stage1(tmp_path, None, vocab, "", "r"))
