@@ -228,30 +228,40 @@ def resolve_layout(layout: str) -> str:
     return layout
 
 
-def atlas_path(cache: Path, cells: int, genes: int, datasets: int, layout: str) -> Path:
-    """The cache entry: loader_bench's name for the blocks layout, `_<layout>` appended for any other."""
+def atlas_path(
+    cache: Path, cells: int, genes: int, datasets: int, layout: str, write_chunk: int | None = None
+) -> Path:
+    """The cache entry: loader_bench's name for the blocks layout, `_<layout>` appended for any other, and
+    `_w<cells>` for atlases written in chunks of that many cells (one TileDB fragment per chunk)."""
     name = f"synth_{cells}x{genes}_k{datasets}_s0"
-    return cache / (name if layout == "blocks" else f"{name}_{layout}")
+    name = name if layout == "blocks" else f"{name}_{layout}"
+    return cache / (name if write_chunk is None else f"{name}_w{write_chunk}")
 
 
-def ensure_atlas(cache: Path, cells: int, genes: int, datasets: int, layout: str) -> str:
+def ensure_atlas(
+    cache: Path, cells: int, genes: int, datasets: int, layout: str, write_chunk: int | None = None
+) -> str:
     """Build the atlas once in a subprocess of this script (the writer's tqdm bar on stderr); return its path."""
-    uri = atlas_path(cache, cells, genes, datasets, layout)
+    uri = atlas_path(cache, cells, genes, datasets, layout, write_chunk)
     if not uri.exists():
         cache.mkdir(parents=True, exist_ok=True)
         _log(f"building {uri.name} ({cells:,} cells x {genes} genes, {datasets} datasets, layout {layout})")
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--build-atlas", str(uri), "--layout", layout]
         cmd += ["--genes", str(genes), "--datasets", str(datasets), "--cells-list", str(cells)]
+        cmd += ["--write-chunk-cells", str(write_chunk)] if write_chunk else []
         subprocess.run(cmd, check=True, stdout=sys.stderr, env=_child_env())
         _log(f"built {uri.name} in {time.perf_counter() - t0:.0f} s")
     return str(uri)
 
 
-def _build_atlas(uri: str, cells: int, genes: int, datasets: int, layout: str) -> None:
+def _build_atlas(
+    uri: str, cells: int, genes: int, datasets: int, layout: str, write_chunk: int | None
+) -> None:
     from data_pipelines.synthetic_atlas import write_synthetic_atlas
 
     kwargs = {} if layout == "blocks" else {"layout": layout}  # "blocks" works with a writer without layouts
+    kwargs.update({"chunk_cells": write_chunk} if write_chunk else {})
     write_synthetic_atlas(  # its tqdm bar goes to stderr (shown when that is a terminal)
         uri, n_cells=cells, n_genes=genes, n_datasets=datasets, seed=0, **kwargs
     )
@@ -273,6 +283,7 @@ def _overrides(args: argparse.Namespace, uri: str, run_dir: Path) -> list[str]:
     out = [
         f"data.atlas_uri={uri}",
         "data.seed=0",
+        f"data.shuffle_buffer_cells={args.train_buffer_cells}",  # both atlases fill whole blocks (see --help)
         "data.min_gene_cells=0",  # every atlas gene (the debug preset drops those seen in < 20 cells)
         f"data.micro_batch_size={args.batch_size}",
         f"data.library_size_stats_cells={args.stats_cells}",
@@ -437,7 +448,14 @@ def index_run(args: argparse.Namespace, cells: int, name: str) -> dict:
     A few MB of the private memory move from run to run (allocator arenas, what the reader holds at the
     moment): over 10^7 - 10^5 cells, 10 MB is already 1 byte per cell.
     """
-    uri = ensure_atlas(args.cache, cells, args.index_genes, args.index_datasets, args.index_layout)
+    uri = ensure_atlas(
+        args.cache,
+        cells,
+        args.index_genes,
+        args.index_datasets,
+        args.index_layout,
+        args.index_write_chunk_cells or None,
+    )
     cmd = [sys.executable, __file__, "--index-one", uri, "--value-filter", json.dumps(INDEX_FILTERS[name])]
     cmd += ["--batch-size", str(args.batch_size), "--index-batches", str(args.index_batches)]
     runs = []
@@ -598,6 +616,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/scldm_scale/bench")))
     p.add_argument("--workdir", type=Path, default=None, help="run dirs and logs (default: a fresh temp dir)")
     p.add_argument("--build-atlas", help=argparse.SUPPRESS)
+    p.add_argument("--write-chunk-cells", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--index-write-chunk-cells",
+        type=int,
+        default=1_000_000,
+        help="cells per write of the index atlases (one TileDB fragment each): TileDB keeps per-fragment metadata "
+        "of an opened array, so an atlas written in 50,000-cell chunks adds ~0.2 MB per fragment and array "
+        "(0 = the writer's default)",
+    )
+    p.add_argument(
+        "--train-buffer-cells",
+        type=int,
+        default=32_768,
+        help="data.shuffle_buffer_cells of the training runs: smaller than the 10^5-cell atlas, so both runs hold "
+        "whole blocks (the default 131,072 exceeds its 80,000 training cells: that run would buffer less)",
+    )
     p.add_argument("--index-one", help=argparse.SUPPRESS)
     p.add_argument("--value-filter", help=argparse.SUPPRESS)
     return p
@@ -610,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.build_atlas:
-        _build_atlas(args.build_atlas, _cells(args.cells_list)[0], args.genes, args.datasets, args.layout)
+        cells = _cells(args.cells_list)[0]
+        _build_atlas(args.build_atlas, cells, args.genes, args.datasets, args.layout, args.write_chunk_cells)
         return 0
     if args.index_one:
         result = index_one(args.index_one, json.loads(args.value_filter), args.batch_size, args.index_batches)

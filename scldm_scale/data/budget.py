@@ -42,3 +42,15 @@ def unit_sizes(
     most = READS_PER_UNIT[-1]
     unit = max(batch_size, int(share / (unit_per_cell + read_per_cell / most)))
     return unit, max(1, unit // most)
+
+
+READ_BUDGET_SHARE = 4
+"""TileDB may hold this fraction (1/4) of a worker's share of the budget per query (`read_budget_mb`)."""
+MIN_READ_BUDGET_MB = 64
+
+
+def read_budget_mb(spec) -> int:
+    """`sm.mem.total_budget` of a worker's X and obs reads: a quarter of its share of `data.memory_budget_mb`
+    (at least 64 MiB), so TileDB's buffers do not grow with the fragments a shuffled read spans."""
+    share = spec.memory_budget_mb / max(1, spec.num_workers)
+    return int(max(MIN_READ_BUDGET_MB, share / READ_BUDGET_SHARE))

@@ -19,8 +19,10 @@ from scldm_scale.data.vocab import LabelVocab
 
 logger = logging.getLogger(__name__)
 
-OBS_SLICE_CELLS = 1 << 20
-"""obs rows (joinids) per read while selecting cells: bounds the build's temporaries (~50 MB of Arrow)."""
+OBS_SLICE_CELLS = 1 << 17
+"""obs rows (joinids) per read while selecting cells: bounds the build's temporaries. Arrow's allocator keeps
+what the largest slice took, so slices of 2^20 rows left a 10^6-cell build 16 MB above a 10^5-cell one; at 2^17
+the two are within 1 MB (benchmarks/scale_bench.py, index-only)."""
 NNZ_COLUMN = "nnz"
 """obs column with each cell's stored non-zeros (CELLxGENE Census has it; our ingest and generator write it)."""
 NNZ_SAMPLE_CHUNKS = 64

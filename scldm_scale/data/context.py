@@ -20,9 +20,13 @@ WRITE_TIMESTAMP_KEY = "scldm_scale.write_timestamp"
 
 
 def make_soma_context(
-    uri: str, s3_endpoint_url: str | None = None, *, verify_tls: bool = True
+    uri: str, s3_endpoint_url: str | None = None, *, verify_tls: bool = True, read_budget_mb: int | None = None
 ) -> tiledbsoma.SOMATileDBContext:
     """Build a SOMA context; for s3:// URIs with `s3_endpoint_url`, point TileDB's VFS at that server.
+
+    `read_budget_mb` caps what one TileDB query may hold (`sm.mem.total_budget`). Without it a shuffled read
+    that spans many fragments grows with them: 10^5 -> 10^6 cells (2 -> 20 fragments) took the loader from +243
+    to +418 MB, and 269 MB with a 256 MB cap, at the same speed.
 
     TLS certificates of https endpoints are verified unless `verify_tls` is False (`data.s3_verify_tls`);
     an http:// endpoint has no TLS. Credentials come from the usual AWS environment variables.
@@ -41,6 +45,8 @@ def make_soma_context(
         config["vfs.s3.verify_ssl"] = "true" if verify_tls else "false"
         if not verify_tls and config.get("vfs.s3.scheme", "https") == "https":
             logger.warning("TLS certificate verification is off for %s (data.s3_verify_tls=false)", uri)
+    if read_budget_mb is not None:
+        config["sm.mem.total_budget"] = str(int(read_budget_mb) * 2**20)
     return tiledbsoma.SOMATileDBContext(tiledb_config=config)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scldm_scale.data.budget import UNITS_IN_FLIGHT, unit_sizes
+from scldm_scale.data.budget import UNITS_IN_FLIGHT, read_budget_mb, unit_sizes
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.index import CellIndex
 from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
@@ -131,27 +131,29 @@ def cap_seed(spec: LoaderSpec, epoch: int) -> int:
 def _units(
     spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot
 ) -> Iterator[tuple[np.ndarray, bool, int]]:
-    """(positions in stream order, is_padding, cells per X read) per load unit of this slot."""
+    """(positions in stream order, is_padding, cells per X read) per load unit of this slot, one block's
+    positions at a time (never the whole slot's: that would be 8 B per cell of the rank's share)."""
     order = spec.order(epoch)
     chunk_order = order.chunk_order()
     cache: tuple[int, np.ndarray, int, int] | None = None
+
+    def block(b: int) -> tuple[int, np.ndarray, int, int]:
+        nonlocal cache
+        if cache is None or cache[0] != b:
+            cache = (b, order.block_positions(b, chunk_order), *spec.unit_plan(order, b, chunk_order))
+        return cache
+
+    for b, s, e in take(pieces, slot.start, slot.real):
+        _, block_pos, unit, read = block(b)
+        if e - s > unit:
+            _warn_split(e - s, unit)
+        for lo in range(s, e, unit):
+            yield block_pos[lo : min(e, lo + unit)], False, read
     pad = slot.num_batches * spec.batch_size - slot.real
-    pad_pieces = take(pieces, slot.pad_start, min(pad, slot.pad_len)) if pad > 0 else []
-    for part, is_pad in ((take(pieces, slot.start, slot.real), False), (pad_pieces, True)):
-        positions_l = []
-        for b, s, e in part:
-            if cache is None or cache[0] != b:
-                cache = (b, order.block_positions(b, chunk_order), *spec.unit_plan(order, b, chunk_order))
-            _, block_pos, unit, read = cache
-            if e - s > unit and not is_pad:
-                _warn_split(e - s, unit)
-            for lo in range(s, e, unit):
-                positions_l.append((block_pos[lo : min(e, lo + unit)], read))
-        if is_pad and positions_l:  # a few cells, repeated until the last batch is full
-            read = min(r for _, r in positions_l)
-            positions_l = [(np.resize(np.concatenate([p for p, _ in positions_l]), pad), read)]
-        for positions, read in positions_l:
-            yield positions, is_pad, read
+    if pad > 0:  # a few cells (fewer than a batch), repeated until the last batch is full
+        parts = [(block(b)[1][s:e], block(b)[3]) for b, s, e in take(pieces, slot.pad_start, min(pad, slot.pad_len))]
+        if parts:
+            yield np.resize(np.concatenate([p for p, _ in parts]), pad), True, min(r for _, r in parts)
 
 
 @dataclass
@@ -188,7 +190,9 @@ def _read_units(
         import tiledbsoma
 
         tokens = TokenMap(spec.var_to_token)
-        ctx = make_soma_context(spec.uri, spec.s3_endpoint_url, verify_tls=spec.s3_verify_tls)
+        ctx = make_soma_context(
+            spec.uri, spec.s3_endpoint_url, verify_tls=spec.s3_verify_tls, read_budget_mb=read_budget_mb(spec)
+        )
         with (
             tiledbsoma.Experiment.open(spec.uri, context=ctx, tiledb_timestamp=spec.tiledb_timestamp) as exp,
             ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
