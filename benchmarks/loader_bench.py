@@ -87,6 +87,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._report import emit_json  # noqa: E402
 from scldm_scale.config.data import SomaDataConfig  # noqa: E402  (dataclasses only: no torch)
 
 CHUNK = SomaDataConfig.shuffle_chunk_cells
@@ -629,11 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             budget["runs"][w]["loader_rss_within_budget"] = r["loader_rss_mb"] <= args.budget_mb
             print("scldm_scale workers", w, r, file=sys.stderr, flush=True)
         result["scldm_scale_memory"] = budget
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.json)
     return 0
 
 

@@ -74,6 +74,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._report import emit_json  # noqa: E402
 
 VAE_LAUNCHER = REPO / "launchers" / "train_vae.py"
 VAE_PRESET = REPO / "configs" / "vae" / "debug.yaml"
@@ -691,11 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     result["acceptance"] = acceptance(result["train"], result["index"])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.json)
     return 0
 
 
