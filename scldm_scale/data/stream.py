@@ -185,6 +185,8 @@ def _read_units(
 
     The next X read (of this unit, or the next unit's first when there is room) runs in a pool thread while
     this thread decodes the current one, so TileDB never waits for numpy: at most two reads are in flight.
+    Every TileDB query (X groups and the unit's obs labels) runs in that one pool thread: two concurrent
+    queries on one opened experiment crashed TileDB (a segfault in CI).
     """
     try:
         import tiledbsoma
@@ -213,7 +215,8 @@ def _read_units(
                     pending = None
                     if i + 1 < len(cur.groups):
                         pending = pool.submit(read_group, X, cur.groups[i + 1])
-                    else:
+                    else:  # the labels, then the next unit's first read: one TileDB query at a time
+                        labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
                         item = next(units, None)
                         nxt = _plan(spec, *item) if item is not None else None
                         if nxt is not None and room.acquire(blocking=False):  # never block here: the
@@ -223,8 +226,7 @@ def _read_units(
                 if stop.is_set():
                     return
                 block = assemble(cur.joinids, parts, tokens.dtype)
-                labels = read_labels(exp.obs, cur.joinids, spec.label_vocabs)
-                out.put(_Unit(block, labels, cur.rows, cur.positions, cur.is_padding))
+                out.put(_Unit(block, labels.result(), cur.rows, cur.positions, cur.is_padding))
                 cur = nxt
         out.put(None)
     except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
