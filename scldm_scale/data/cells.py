@@ -15,6 +15,7 @@ import pyarrow as pa
 import tiledbsoma
 
 from scldm_scale.data.index import CellIndex, IndexBuilder
+from scldm_scale.data.reader import release_arrow_memory
 from scldm_scale.data.vocab import LabelVocab
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def select_cells(
                 unknown[c] += label_vocabs[c].encode(table.column(c))[1]
         n += table.num_rows
     index = builder.finish()
+    release_arrow_memory()
     if label_vocabs is None:
         label_vocabs = {c: LabelVocab(c, sorted(seen[c])) for c in label_columns}
     else:
