@@ -44,13 +44,16 @@ def unit_sizes(
     return unit, max(1, unit // most)
 
 
-READ_BUDGET_SHARE = 4
-"""TileDB may hold this fraction (1/4) of a worker's share of the budget per query (`read_budget_mb`)."""
+READ_BUDGET_SHARE = 8
+"""TileDB may hold this fraction (1/8) of a worker's share of the budget per query (`read_budget_mb`). At 1/4
+(256 MiB with one worker) a rank's peak RSS grew by 15 % from a 10^5- to a 10^6-cell atlas on the scale run:
+a shuffled block's chunks share fewer X tiles in the larger atlas, so TileDB fills more of its budget. At 1/8
+it grew by 7-9 %, at the same loader speed (benchmarks/README.md, scale and loader sections)."""
 MIN_READ_BUDGET_MB = 64
 
 
 def read_budget_mb(spec) -> int:
-    """`sm.mem.total_budget` of a worker's X and obs reads: a quarter of its share of `data.memory_budget_mb`
+    """`sm.mem.total_budget` of a worker's X and obs reads: an eighth of its share of `data.memory_budget_mb`
     (at least 64 MiB), so TileDB's buffers do not grow with the fragments a shuffled read spans."""
     share = spec.memory_budget_mb / max(1, spec.num_workers)
     return int(max(MIN_READ_BUDGET_MB, share / READ_BUDGET_SHARE))
