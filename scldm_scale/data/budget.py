@@ -52,7 +52,7 @@ it grew by 7-9 %, at the same loader speed (benchmarks/README.md, scale and load
 MIN_READ_BUDGET_MB = 64
 
 
-def read_budget_mb(spec) -> int:
+def read_budget_mb(spec) -> int:  # a LoaderSpec or a SomaDataConfig (both carry the two fields)
     """`sm.mem.total_budget` of a worker's X and obs reads: an eighth of its share of `data.memory_budget_mb`
     (at least 64 MiB), so TileDB's buffers do not grow with the fragments a shuffled read spans."""
     share = spec.memory_budget_mb / max(1, spec.num_workers)

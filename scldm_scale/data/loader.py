@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from scldm_scale.config import ConfigError
 from scldm_scale.config.data import DEFAULT_LABEL_COLUMNS, DEMO_ATLAS, SomaDataConfig
+from scldm_scale.data.budget import read_budget_mb
 from scldm_scale.data.cells import CellSelection, iter_obs, select_cells
 from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import make_soma_context, open_committed
@@ -48,7 +49,12 @@ def open_experiment(cfg: SomaDataConfig, atlas_uri: str | None = None) -> tiledb
         raise ValueError(
             "data.atlas_uri='demo' must be resolved to a path first (data_pipelines.demo.ensure_demo_atlas)"
         )
-    ctx = make_soma_context(uri, cfg.s3_endpoint_url, verify_tls=cfg.s3_verify_tls)
+    # Start-up reads (the obs pass, sampled nnz, library-size sample) under the same per-query cap as the
+    # workers' reads: uncapped, TileDB's default budget let a sample spread over a 10^6-cell atlas add
+    # ~100 MB to rank 0's peak.
+    ctx = make_soma_context(
+        uri, cfg.s3_endpoint_url, verify_tls=cfg.s3_verify_tls, read_budget_mb=read_budget_mb(cfg)
+    )
     try:
         exp = open_committed(uri, ctx)  # as of the last committed ingest (docs/object_store.md)
     except Exception as exc:
