@@ -115,7 +115,10 @@ def release_arrow_memory() -> None:
     pyarrow's default pool (mimalloc) otherwise keeps freed pages per thread, and the amount kept grows with
     the reads' working set, hence with the atlas: on the index-only scale run (census layout, 16 genes,
     `split == 'train'`) it was most of the loader's private-memory growth from 10^5 to 10^7 cells. The loader
-    calls it after the obs pass of its build and after each unit's reads, in the thread that read.
+    calls it once, after the obs pass of its build. Calling it from the reading threads after every unit as well
+    was tried and is not done: one CI run then crashed (a segfault outside any Python frame, right after both
+    reading threads had called it), and mimalloc's forced collection is not documented as safe to run
+    concurrently.
     """
     pa.default_memory_pool().release_unused()
 
@@ -173,6 +176,4 @@ def read_labels(obs: tiledbsoma.DataFrame, joinids: np.ndarray, vocabs) -> np.nd
     for j, vocab in enumerate(vocabs):
         ids, _ = vocab.encode(table.column(vocab.column))
         out[:, j] = ids if order is None else ids[order]
-    del table
-    release_arrow_memory()
     return out

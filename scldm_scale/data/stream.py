@@ -34,7 +34,6 @@ from scldm_scale.data.reader import (
     decode_group,
     read_group,
     read_labels,
-    release_arrow_memory,
     split_groups,
 )
 from scldm_scale.data.vocab import LabelVocab
@@ -227,7 +226,6 @@ def _read_units(
                 if stop.is_set():
                     return
                 block = assemble(cur.joinids, parts, tokens.dtype)
-                release_arrow_memory()
                 out.put(_Unit(block, labels.result(), cur.rows, cur.positions, cur.is_padding))
                 cur = nxt
         out.put(None)
