@@ -151,9 +151,13 @@ def _units(
             yield block_pos[lo : min(e, lo + unit)], False, read
     pad = slot.num_batches * spec.batch_size - slot.real
     if pad > 0:  # a few cells (fewer than a batch), repeated until the last batch is full
-        parts = [(block(b)[1][s:e], block(b)[3]) for b, s, e in take(pieces, slot.pad_start, min(pad, slot.pad_len))]
-        if parts:
-            yield np.resize(np.concatenate([p for p, _ in parts]), pad), True, min(r for _, r in parts)
+        positions_l, reads = [], []
+        for b, s, e in take(pieces, slot.pad_start, min(pad, slot.pad_len)):
+            _, block_pos, _, read = block(b)
+            positions_l.append(block_pos[s:e])
+            reads.append(read)
+        if positions_l:
+            yield np.resize(np.concatenate(positions_l), pad), True, min(reads)
 
 
 @dataclass
