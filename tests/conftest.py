@@ -12,6 +12,22 @@ from collections.abc import Callable, Iterator
 import pytest
 
 DEMO_ATLAS_ENV = "SCLDM_SCALE_DEMO_ATLAS"
+NODE_CACHE_ENV = "SCLDM_SCALE_NODE_CACHE"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _node_cache_location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Point the loaders' default node-local cache (`data.node_cache_dir: auto`) at a session temp dir."""
+    path = str(tmp_path_factory.mktemp("node_cache"))
+    previous = os.environ.get(NODE_CACHE_ENV)
+    os.environ[NODE_CACHE_ENV] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(NODE_CACHE_ENV, None)
+        else:
+            os.environ[NODE_CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session", autouse=True)

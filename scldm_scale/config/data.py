@@ -68,6 +68,11 @@ class SomaDataConfig:
     of the trainer's pages, which the budget does not bound)."""
     prefetch_factor: int = 4
     """Batches each DataLoader worker process reads ahead (`worker_processes=true` only; threads queue 4)."""
+    node_cache_dir: str | None = "auto"
+    """Node-local decoded cache: the first epoch also stores the cells it reads on local disk, later epochs
+    read them from there instead of the atlas (same order, same batches). "auto": $SCLDM_SCALE_NODE_CACHE, else
+    <tmpdir>/scldm_scale_node_cache; null: off. On only when the disk has room for every cell (it keeps 10 % of
+    the disk, at least 1 GiB, free); the loader logs which."""
     library_size_stats_cells: int = 100_000
     """Cells (a seeded shuffled sample) behind the per-label log-library-size statistics that every checkpoint
     manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""

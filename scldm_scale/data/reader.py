@@ -156,15 +156,19 @@ def read_block(
     return assemble(joinids, parts, tokens.dtype)
 
 
+def read_labels_dtype(vocabs) -> np.dtype:
+    """The dtype of `read_labels`' ids: the narrowest that holds the largest vocabulary's ids."""
+    most = max((v.num_classes for v in vocabs), default=1)
+    return np.dtype(np.uint8 if most <= 256 else np.uint16 if most <= 65_536 else np.int32)
+
+
 def read_labels(obs: tiledbsoma.DataFrame, joinids: np.ndarray, vocabs) -> np.ndarray:
     """Label ids (len(joinids), K) of the cells `joinids` (ascending) from one obs read, one column per vocab.
 
     Ids fit the narrowest unsigned dtype of the largest vocabulary (uint8 to 255 categories, uint16 beyond).
     Labels are read per unit with its X rows, so the loader holds no per-cell label array for the atlas.
     """
-    most = max((v.num_classes for v in vocabs), default=1)
-    dtype = np.uint8 if most <= 256 else np.uint16 if most <= 65_536 else np.int32
-    out = np.zeros((len(joinids), len(vocabs)), dtype)
+    out = np.zeros((len(joinids), len(vocabs)), read_labels_dtype(vocabs))
     if not len(vocabs) or not len(joinids):
         return out
     columns = ["soma_joinid", *(v.column for v in vocabs)]

@@ -25,6 +25,7 @@ import numpy as np
 from scldm_scale.data.budget import UNITS_IN_FLIGHT, read_budget_mb, unit_sizes
 from scldm_scale.data.context import make_soma_context
 from scldm_scale.data.index import CellIndex
+from scldm_scale.data.node_cache import CacheLayout, NodeCache
 from scldm_scale.data.order import EpochOrder, Piece, Slot, layout, take
 from scldm_scale.data.packed import PackedBatch, RowBatch, mix64
 from scldm_scale.data.reader import (
@@ -84,6 +85,8 @@ class LoaderSpec:
     """Verify the TLS certificate of an https S3 endpoint (`data.s3_verify_tls`)."""
     tiledb_timestamp: int | None = None
     """TileDB timestamp (ms) the atlas is read at: the committed snapshot the loader was built from."""
+    node_cache: CacheLayout | None = None
+    """The node-local decoded cache (`node_cache.py`) the readers fill and serve from; None: off."""
 
     @property
     def n_cells(self) -> int:
@@ -164,12 +167,16 @@ def _units(
 class _Plan:
     positions: np.ndarray
     is_padding: bool
-    rows: np.ndarray  # row of each position in the block (read in joinid order)
-    joinids: np.ndarray
+    rows: np.ndarray  # row of each position in the unit's block: the cells read from SOMA, then the cached ones
+    joinids: np.ndarray  # of the cells read from SOMA, ascending
     groups: list[np.ndarray]
+    soma_positions: np.ndarray  # positions of `joinids`
+    cached: list[tuple[int, np.ndarray]]  # (chunk, positions of it in the unit, ascending) served by the cache
 
 
-def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool, read_cells: int) -> _Plan:
+def _plan(
+    spec: LoaderSpec, positions: np.ndarray, is_pad: bool, read_cells: int, cache: NodeCache | None = None
+) -> _Plan:
     if is_pad:  # padding repeats cells: read each once
         sorted_pos = np.unique(positions)
         rows = np.searchsorted(sorted_pos, positions)
@@ -178,8 +185,61 @@ def _plan(spec: LoaderSpec, positions: np.ndarray, is_pad: bool, read_cells: int
         sorted_pos = positions[order]
         rows = np.empty(len(positions), np.int64)
         rows[order] = np.arange(len(positions))
+    cached: list[tuple[int, np.ndarray]] = []
+    if cache is not None and not is_pad and len(sorted_pos):
+        chunk_of = sorted_pos // spec.chunk_cells
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+        ends = np.r_[starts[1:], len(sorted_pos)]
+        stored = cache.cached(chunk_of[starts])
+        if stored.any():
+            in_cache = np.repeat(stored, ends - starts)
+            soma = np.flatnonzero(~in_cache)
+            block_row = np.empty(len(sorted_pos), np.int64)  # SOMA cells first, then the cached ones
+            block_row[soma] = np.arange(len(soma))
+            block_row[in_cache] = np.arange(len(soma), len(sorted_pos))
+            rows = block_row[rows]
+            cached = [(int(chunk_of[a]), sorted_pos[a:b]) for a, b, hit in zip(starts, ends, stored) if hit]
+            sorted_pos = sorted_pos[soma]
     joinids = spec.index.joinids(sorted_pos)
-    return _Plan(positions, is_pad, rows, joinids, split_groups(joinids, read_cells))
+    return _Plan(positions, is_pad, rows, joinids, split_groups(joinids, read_cells), sorted_pos, cached)
+
+
+def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple[list, list[np.ndarray]]:
+    """(decoded parts, label rows) of the plan's cached chunks, in order; a chunk that does not read back is
+    fetched from SOMA instead (`fetch(joinids) -> (part, labels)`)."""
+    parts, labels = [], []
+    for chunk, pos in plan.cached:
+        got = cache.read(chunk)
+        if got is None:
+            part, lab = fetch(spec.index.joinids(pos))
+        else:
+            lengths, tok, val, lab = got
+            lengths = lengths.astype(np.int64)
+            if len(pos) != len(lengths):  # part of the chunk (a slot boundary): its rows only
+                keep = pos - chunk * spec.chunk_cells
+                indptr = np.r_[0, np.cumsum(lengths, dtype=np.int64)]
+                lengths = lengths[keep]
+                src = np.repeat(indptr[keep] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+                tok, val, lab = tok[src], val[src], lab[keep]
+            part = (lengths, tok, val)
+        parts.append(part)
+        labels.append(lab)
+    return parts, labels
+
+
+def _store(spec: LoaderSpec, plan: _Plan, block: CellBlock, labels: np.ndarray, cache: NodeCache) -> None:
+    """Append the whole chunks among the unit's SOMA-read cells to the cache."""
+    if not cache.writable or plan.is_padding or not len(plan.soma_positions):
+        return
+    chunk_of = plan.soma_positions // spec.chunk_cells
+    starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+    ends = np.r_[starts[1:], len(chunk_of)]
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        chunk = int(chunk_of[a])
+        if b - a != cache.layout.chunk_len(chunk) or cache.table[chunk] != 0:
+            continue
+        lo, hi = block.indptr[a], block.indptr[b]
+        cache.write(chunk, np.diff(block.indptr[a : b + 1]), block.tokens[lo:hi], block.counts[lo:hi], labels[a:b])
 
 
 def _read_units(
@@ -204,34 +264,68 @@ def _read_units(
             ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
         ):
             X = exp.ms[spec.measurement_name].X[spec.layer_name]
-            units = _units(spec, epoch, pieces, slot)
-            item = next(units, None)
-            cur = _plan(spec, *item) if item is not None else None
-            pending = None  # the read of cur's first group when it was started ahead (its room is held)
-            while cur is not None:
-                if pending is None:
-                    if not _acquire(room, stop):
+            cache = NodeCache(spec.node_cache) if spec.node_cache is not None else None
+
+            def plan(item) -> _Plan | None:
+                return _plan(spec, *item, cache) if item is not None else None
+
+            def fetch(joinids: np.ndarray):  # a cached chunk that did not read back: from SOMA, now
+                table = pool.submit(read_group, X, joinids).result()
+                labels = pool.submit(read_labels, exp.obs, joinids, spec.label_vocabs).result()
+                return decode_group(table, joinids, tokens), labels
+
+            try:
+                units = _units(spec, epoch, pieces, slot)
+                cur = plan(next(units, None))
+                pending, held = None, False  # held: cur's room is taken (and its first read started)
+                while cur is not None:
+                    if not held:
+                        if not _acquire(room, stop):
+                            return
+                        if cur.groups:
+                            pending = pool.submit(read_group, X, cur.groups[0])
+                    nxt, held = None, False
+                    labels = None
+                    if not cur.groups:  # served by the cache: the next unit's first read runs meanwhile
+                        nxt = plan(next(units, None))
+                        if nxt is not None and room.acquire(blocking=False):
+                            held = True
+                            if nxt.groups:
+                                pending = pool.submit(read_group, X, nxt.groups[0])
+                    cached_parts, cached_labels = _from_cache(spec, cur, cache, fetch) if cur.cached else ([], [])
+                    parts = []
+                    for i, group in enumerate(cur.groups):
+                        table = pending.result()
+                        pending = None
+                        if i + 1 < len(cur.groups):
+                            pending = pool.submit(read_group, X, cur.groups[i + 1])
+                        else:  # the labels, then the next unit's first read: one TileDB query at a time
+                            labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
+                            nxt = plan(next(units, None))
+                            if nxt is not None and room.acquire(blocking=False):  # never block here: the
+                                held = True  # consumer awaits cur
+                                if nxt.groups:
+                                    pending = pool.submit(read_group, X, nxt.groups[0])
+                        parts.append(decode_group(table, group, tokens))
+                        del table
+                    if stop.is_set():
                         return
-                    pending = pool.submit(read_group, X, cur.groups[0])
-                parts, nxt = [], None
-                for i, group in enumerate(cur.groups):
-                    table = pending.result()
-                    pending = None
-                    if i + 1 < len(cur.groups):
-                        pending = pool.submit(read_group, X, cur.groups[i + 1])
-                    else:  # the labels, then the next unit's first read: one TileDB query at a time
-                        labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
-                        item = next(units, None)
-                        nxt = _plan(spec, *item) if item is not None else None
-                        if nxt is not None and room.acquire(blocking=False):  # never block here: the
-                            pending = pool.submit(read_group, X, nxt.groups[0])  # consumer awaits cur
-                    parts.append(decode_group(table, group, tokens))
-                    del table
-                if stop.is_set():
-                    return
-                block = assemble(cur.joinids, parts, tokens.dtype)
-                out.put(_Unit(block, labels.result(), cur.rows, cur.positions, cur.is_padding))
-                cur = nxt
+                    soma_labels = (
+                        labels.result() if labels is not None else read_labels(exp.obs, cur.joinids, spec.label_vocabs)
+                    )
+                    if cur.cached:
+                        joinids = np.concatenate([cur.joinids, *(spec.index.joinids(pos) for _, pos in cur.cached)])
+                        unit_labels = np.concatenate([soma_labels, *cached_labels])
+                    else:
+                        joinids, unit_labels = cur.joinids, soma_labels
+                    block = assemble(joinids, parts + cached_parts, tokens.dtype)
+                    if cache is not None:
+                        _store(spec, cur, block, unit_labels, cache)
+                    out.put(_Unit(block, unit_labels, cur.rows, cur.positions, cur.is_padding))
+                    cur = nxt
+            finally:
+                if cache is not None:
+                    cache.close()
         out.put(None)
     except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
         err = RuntimeError(f"loader reading {spec.uri!r} (rank {spec.rank}) failed: {exc}")
