@@ -78,6 +78,8 @@ class SomaDataConfig:
     manifest carries for generation; 0 = every training cell (one full pass, slow on an atlas)."""
 
     def __post_init__(self) -> None:
+        if self.node_cache_dir is not None and (not isinstance(self.node_cache_dir, str) or not self.node_cache_dir):
+            raise ValueError(f"data.node_cache_dir must be a directory, 'auto' or null, got {self.node_cache_dir!r}")
         if not isinstance(self.s3_verify_tls, bool):
             raise ValueError(f"data.s3_verify_tls must be true or false, got {self.s3_verify_tls!r}")
         if self.micro_batch_size < 1:

@@ -215,7 +215,7 @@ def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple
         else:
             lengths, tok, val, lab = got
             lengths = lengths.astype(np.int64)
-            if len(pos) != len(lengths):  # part of the chunk (a slot boundary): its rows only
+            if len(pos) != len(lengths):  # part of the chunk
                 keep = pos - chunk * spec.chunk_cells
                 indptr = np.r_[0, np.cumsum(lengths, dtype=np.int64)]
                 lengths = lengths[keep]
