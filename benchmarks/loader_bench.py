@@ -13,7 +13,10 @@ cannot be built is reported as {"error": ...}.
 Loaders, each in its own process (RSS is per loader; tiledbsoma_ml's spawn start method stays out of the
 others), every one with batches of --batch-size:
   * scldm_scale: `build_loader(SomaDataConfig(...))` with the config defaults (chunk `shuffle_chunk_cells`,
-    shuffle buffer `shuffle_buffer_cells`, `num_workers` worker threads) and seed 0, memory budget --budget-mb;
+    shuffle buffer `shuffle_buffer_cells`, `num_workers` worker threads) and seed 0, memory budget --budget-mb,
+    and its node-local cache on (the default) in a fresh directory per run: epoch 1 streams from SOMA and fills
+    it, the warm epoch reads from it, as epochs after the first do in training (node_cache_mb: its size);
+  * scldm_scale_stream: the same with the cache off (`node_cache_dir=None`): every epoch streams from SOMA;
   * tiledbsoma_ml: `ExperimentDataset(query, layer_name="raw", batch_size=..., shuffle=True, seed=0)` at its
     defaults (`shuffle_chunk_size`=64, `io_batch_size`=65,536), 0 DataLoader workers;
   * tiledbsoma_ml_chunk<C>: the same with `shuffle_chunk_size` C = scldm_scale's default chunk
@@ -100,9 +103,11 @@ MIX_LABELS = ("dataset_id", "cell_type", "donor_id")
 """obs columns whose per-batch entropy is reported (those the atlas has)."""
 SCAN_CELLS = 8192
 """Cells per read of the sequential scan."""
-LOADERS = ("sequential_scan", "scldm_scale", "tiledbsoma_ml", f"tiledbsoma_ml_chunk{CHUNK}")
+LOADERS = ("sequential_scan", "scldm_scale", "scldm_scale_stream", "tiledbsoma_ml", f"tiledbsoma_ml_chunk{CHUNK}")
+OURS = ("scldm_scale", "scldm_scale_stream")
 IMPORTS = {
     "scldm_scale": ["torch", "tiledbsoma", "scldm_scale.data"],
+    "scldm_scale_stream": ["torch", "tiledbsoma", "scldm_scale.data"],
     "tiledbsoma_ml": ["torch", "tiledbsoma", "tiledbsoma_ml"],
     "sequential_scan": ["tiledbsoma"],
 }
@@ -170,8 +175,18 @@ def _cpu_seconds() -> float:
 
 
 class _Scldm:
-    def __init__(self, uri: str, opts: argparse.Namespace, value_filter: str | None, rank: int, world: int):
+    """scldm_scale's loader; `cache`: its node-local cache on, in a fresh directory removed on close (so that
+    epoch 1 fills it and the warm epoch reads from it, as in a training run), else off."""
+
+    def __init__(
+        self, uri: str, opts: argparse.Namespace, value_filter: str | None, rank: int, world: int, cache: bool
+    ):
+        import tempfile
+
         from scldm_scale.data import build_loader
+
+        self.cache_dir = tempfile.mkdtemp(prefix="loader_bench_cache_") if cache else None
+        self.extra: dict = {}
 
         cfg = SomaDataConfig(
             atlas_uri=uri,
@@ -181,8 +196,11 @@ class _Scldm:
             num_workers=int(opts.workers.rstrip("p")),
             worker_processes=opts.workers.endswith("p"),
             memory_budget_mb=opts.budget_mb,
+            node_cache_dir=self.cache_dir,
         )
         self.loader = build_loader(cfg, rank=rank, world_size=world)
+        if cache and self.loader.dataset.spec.node_cache is None:
+            raise RuntimeError(f"the node-local cache is off in {self.cache_dir} (no room?)")
 
     def epoch(self, e: int):
         self.loader.set_epoch(e)
@@ -192,7 +210,12 @@ class _Scldm:
             yield ids[~pad.numpy().astype(bool)] if pad is not None else ids.copy()
 
     def close(self) -> None:
-        pass
+        if self.cache_dir is not None:
+            import shutil
+
+            size = sum(f.stat().st_size for f in Path(self.cache_dir).rglob("*") if f.is_file())
+            self.extra["node_cache_mb"] = round(size / 2**20, 1)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -284,8 +307,8 @@ class _Scan:
 def _make(
     name: str, uri: str, opts: argparse.Namespace, value_filter: str | None, rank: int = 0, world: int = 1
 ):
-    if name == "scldm_scale":
-        return _Scldm(uri, opts, value_filter, rank, world)
+    if name in OURS:  # the mixing pass (world > 1) runs without the cache: the order is the same either way
+        return _Scldm(uri, opts, value_filter, rank, world, cache=name == "scldm_scale" and world == 1)
     if name == "sequential_scan":
         return _Scan(uri, opts, value_filter, rank, world)
     if name == "tiledbsoma_ml":
@@ -375,7 +398,8 @@ def run_one(name: str, uri: str, opts: argparse.Namespace) -> dict:
         "cells": cells2,
         "batches": len(batches),
         "reshuffled": bool(len(batches) and not np.array_equal(first_ids, batches[0])),
-        "workers": opts.workers if name == "scldm_scale" else opts.tiledbsoma_ml_workers,
+        "workers": opts.workers if name in OURS else opts.tiledbsoma_ml_workers,
+        **getattr(loader, "extra", {}),
     }
     if cells1 != cells2:
         out["epoch1_cells"] = cells1
@@ -472,21 +496,20 @@ def _summary(report: dict) -> dict:
 
 
 def _ratios(loaders: dict, runs: dict) -> dict:
+    """Each of OURS over every other loader (scldm_scale over scldm_scale_stream included)."""
     out: dict = {}
-    if "scldm_scale" not in loaders:
-        return out
-    s = loaders["scldm_scale"]
-    for other in (n for n in loaders if n != "scldm_scale"):
-        key = f"scldm_scale_over_{other}"
-        out[key] = {
-            "warm": round(s["warm_cells_per_s"] / loaders[other]["warm_cells_per_s"], 3),
-            "epoch1": round(s["epoch1_cells_per_s"] / loaders[other]["epoch1_cells_per_s"], 3),
-            "warm_per_cpu_s": round(s["warm_cells_per_cpu_s"] / loaders[other]["warm_cells_per_cpu_s"], 3),
-            "warm_per_repeat": [
-                round(a["warm_cells_per_s"] / b["warm_cells_per_s"], 3)
-                for a, b in zip(runs["scldm_scale"], runs[other], strict=True)
-            ],
-        }
+    for ours in (n for n in OURS if n in loaders):
+        s = loaders[ours]
+        for other in (n for n in loaders if n != ours and not (ours == "scldm_scale_stream" and n in OURS)):
+            out[f"{ours}_over_{other}"] = {
+                "warm": round(s["warm_cells_per_s"] / loaders[other]["warm_cells_per_s"], 3),
+                "epoch1": round(s["epoch1_cells_per_s"] / loaders[other]["epoch1_cells_per_s"], 3),
+                "warm_per_cpu_s": round(s["warm_cells_per_cpu_s"] / loaders[other]["warm_cells_per_cpu_s"], 3),
+                "warm_per_repeat": [
+                    round(a["warm_cells_per_s"] / b["warm_cells_per_s"], 3)
+                    for a, b in zip(runs[ours], runs[other], strict=True)
+                ],
+            }
     return out
 
 
@@ -496,7 +519,7 @@ def _bench_layout(uri: str, args: argparse.Namespace, names: list[str]) -> dict:
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for rep in range(args.repeats):  # interleaved, so drift of a shared machine hits every loader alike
             for name in names:
-                workers = args.workers if name == "scldm_scale" else args.tiledbsoma_ml_workers
+                workers = args.workers if name in OURS else args.tiledbsoma_ml_workers
                 r = _child(name, uri, args, workers=workers, filt=filt, mixing=rep == 0)
                 runs[name].append(r)
                 brief = {k: v for k, v in r.items() if k != "mixing"}
