@@ -103,7 +103,13 @@ MIX_LABELS = ("dataset_id", "cell_type", "donor_id")
 """obs columns whose per-batch entropy is reported (those the atlas has)."""
 SCAN_CELLS = 8192
 """Cells per read of the sequential scan."""
-LOADERS = ("sequential_scan", "scldm_scale", "scldm_scale_stream", "tiledbsoma_ml", f"tiledbsoma_ml_chunk{CHUNK}")
+LOADERS = (
+    "sequential_scan",
+    "scldm_scale",
+    "scldm_scale_stream",
+    "tiledbsoma_ml",
+    f"tiledbsoma_ml_chunk{CHUNK}",
+)
 OURS = ("scldm_scale", "scldm_scale_stream")
 IMPORTS = {
     "scldm_scale": ["torch", "tiledbsoma", "scldm_scale.data"],
@@ -504,7 +510,9 @@ def _ratios(loaders: dict, runs: dict) -> dict:
             out[f"{ours}_over_{other}"] = {
                 "warm": round(s["warm_cells_per_s"] / loaders[other]["warm_cells_per_s"], 3),
                 "epoch1": round(s["epoch1_cells_per_s"] / loaders[other]["epoch1_cells_per_s"], 3),
-                "warm_per_cpu_s": round(s["warm_cells_per_cpu_s"] / loaders[other]["warm_cells_per_cpu_s"], 3),
+                "warm_per_cpu_s": round(
+                    s["warm_cells_per_cpu_s"] / loaders[other]["warm_cells_per_cpu_s"], 3
+                ),
                 "warm_per_repeat": [
                     round(a["warm_cells_per_s"] / b["warm_cells_per_s"], 3)
                     for a, b in zip(runs[ours], runs[other], strict=True)

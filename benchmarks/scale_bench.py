@@ -681,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     args.layout = resolve_layout(args.layout)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="scale_bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    # The loaders' node-local cache (on by default) goes under the workdir, removed at the end: nothing of a
+    # run is left in the machine's temp dir, and no run finds another's cache.
+    node_cache = workdir / "node_cache"
+    os.environ["SCLDM_SCALE_NODE_CACHE"] = str(node_cache)
     t0 = time.perf_counter()
     result: dict = {
         "benchmark": "scale_bench",
@@ -703,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.index_repeats,
             },
             "workdir": str(workdir),
+            "node_cache": "on (the default), under the workdir",
         },
         "train": [],
         "index": [],
@@ -714,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         for cells in _cells(args.index_cells_list):
             for name in INDEX_FILTERS:
                 result["index"].append(index_run(args, cells, name))
+    shutil.rmtree(node_cache, ignore_errors=True)
     result["acceptance"] = acceptance(result["train"], result["index"])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

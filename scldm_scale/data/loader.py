@@ -4,10 +4,7 @@ the exact, elastic resume state. The trainer talks only to this module's public 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,9 +22,8 @@ from scldm_scale.data.cells import CellSelection, iter_obs, select_cells
 from scldm_scale.data.collate import to_tensors
 from scldm_scale.data.context import COMMITTED_TIMESTAMP_KEY, make_soma_context, open_committed
 from scldm_scale.data.dataset import SomaCellDataset
-from scldm_scale.data.node_cache import CacheLayout, cache_key, estimate_bytes, prepare, resolve_root
+from scldm_scale.data.node_cache import layout_for
 from scldm_scale.data.order import Piece, consumed_ranges, rank_num_batches, remaining
-from scldm_scale.data.reader import TokenMap, read_labels_dtype
 from scldm_scale.data.stream import LoaderSpec, cap_seed, iter_slot, iter_workers
 from scldm_scale.data.vocab import GeneVocab, LabelVocab
 from scldm_scale.utils.env import get_rank, get_world_size
@@ -507,7 +503,7 @@ def build_loader(
         world_size=world_size,
         num_workers=num_workers,
     )
-    spec = LoaderSpec(**{**spec.__dict__, "node_cache": _node_cache(cfg, spec, opened)})
+    spec = LoaderSpec(**{**spec.__dict__, "node_cache": layout_for(spec, opened.version, cfg.node_cache_dir)})
     _log_loader(spec, opened, vf)
     return SomaLoader(
         SomaCellDataset(spec),
@@ -569,45 +565,6 @@ def _select(
         x = exp.ms[cfg.measurement_name].X[cfg.layer_name]
         version = f"committed:{int(committed)}" if committed is not None else f"nnz:{x.nnz}:shape:{x.shape}"
         return _Opened(gene_vocab, var_to_token, cells, exp.tiledb_timestamp_ms, version)  # workers read this
-
-
-def _node_cache(cfg: SomaDataConfig, spec: LoaderSpec, opened: _Opened) -> CacheLayout | None:
-    """The node-local cache of this loader's cells (`node_cache.py`), or None when off or the disk lacks room;
-    logged either way."""
-    root = resolve_root(cfg.node_cache_dir)
-    if root is None:
-        logger.info("node-local cache off (data.node_cache_dir=null): every epoch reads from %s", spec.uri)
-        return None
-    if spec.n_cells == 0:
-        return None
-    vocabs = [[v.column, v.categories] for v in spec.label_vocabs]
-    uri = spec.uri if "://" in spec.uri else os.path.abspath(spec.uri)
-    meta = {
-        "uri": uri,
-        "measurement": spec.measurement_name,
-        "layer": spec.layer_name,
-        "version": opened.version,
-        "n_cells": spec.n_cells,
-        "obs_joinids_sha1": spec.index.sha1,
-        "chunk_cells": spec.chunk_cells,
-        "var_to_token_sha1": hashlib.sha1(np.ascontiguousarray(spec.var_to_token, np.int64).tobytes()).hexdigest(),
-        "label_vocabs_sha1": hashlib.sha1(json.dumps(vocabs).encode()).hexdigest(),
-    }
-    labels = read_labels_dtype(spec.label_vocabs)
-    layout_args = {
-        "n_cells": spec.n_cells,
-        "chunk_cells": spec.chunk_cells,
-        "token_dtype": TokenMap(spec.var_to_token).dtype.str,
-        "label_dtype": labels.str,
-        "n_labels": len(spec.label_vocabs),
-    }
-    need = estimate_bytes(spec.chunk_nnz, CacheLayout(path="", **layout_args))
-    layout, why = prepare(root, cache_key(meta), meta, layout_args, need)
-    if layout is None:
-        logger.info("node-local cache off: %s; every epoch reads from %s", why, spec.uri)
-    else:
-        logger.info("node-local cache on: %s", why)
-    return layout
 
 
 def _fingerprint(spec: LoaderSpec) -> dict[str, Any]:

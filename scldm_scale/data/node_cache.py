@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scldm_scale.data.reader import TokenMap, read_labels_dtype
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SCLDM_SCALE_NODE_CACHE"
@@ -92,7 +94,9 @@ def estimate_bytes(chunk_nnz: np.ndarray, layout: CacheLayout) -> int:
     return int(nnz * per_nnz + layout.n_cells * per_cell + layout.n_chunks * (_HEADER.size + 32))
 
 
-def prepare(root: str, key: str, meta: dict, layout_args: dict, need_bytes: int) -> tuple[CacheLayout | None, str]:
+def prepare(
+    root: str, key: str, meta: dict, layout_args: dict, need_bytes: int
+) -> tuple[CacheLayout | None, str]:
     """The cache layout under `root/key` if the disk has room for `need_bytes` (else None), and why, in words.
 
     Creates the directory and its chunk table (a sparse file) the first time; safe to run on every rank at
@@ -125,9 +129,12 @@ def prepare(root: str, key: str, meta: dict, layout_args: dict, need_bytes: int)
         finally:
             os.unlink(tmp)
         with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump({"format": FORMAT, **meta, **layout_args}, f, indent=1, default=str)
+            json.dump({**meta, **layout_args}, f, indent=1, default=str)
     if os.path.getsize(table) != layout.n_chunks * 8:
-        return None, f"{table} has {os.path.getsize(table)} bytes, expected {layout.n_chunks * 8}: delete {path}"
+        return (
+            None,
+            f"{table} has {os.path.getsize(table)} bytes, expected {layout.n_chunks * 8}: delete {path}",
+        )
     return layout, f"{path} ({need_bytes / 2**30:.2f} GiB when full, {used / 2**30:.2f} GiB stored)"
 
 
@@ -144,7 +151,9 @@ class NodeCache:
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
-        self.table = np.memmap(os.path.join(layout.path, "chunks.i64"), np.int64, "r+", shape=(layout.n_chunks,))
+        self.table = np.memmap(
+            os.path.join(layout.path, "chunks.i64"), np.int64, "r+", shape=(layout.n_chunks,)
+        )
         self._token = np.dtype(layout.token_dtype)
         self._label = np.dtype(layout.label_dtype)
         self._readers: dict[int, int] = {}
@@ -205,11 +214,15 @@ class NodeCache:
     def _bad(self, chunk: int, why: str) -> None:
         self.misses += 1
         self.table[chunk] = 0  # stored again by the next reader of it
-        logger.warning("node cache %s: chunk %d unreadable (%s); reading it from the atlas", self.layout.path, chunk, why)
+        logger.warning(
+            "node cache %s: chunk %d unreadable (%s); reading it from the atlas", self.layout.path, chunk, why
+        )
         return None
 
     # -- append ----------------------------------------------------------------------------------------
-    def write(self, chunk: int, lengths: np.ndarray, tokens: np.ndarray, counts: np.ndarray, labels: np.ndarray) -> None:
+    def write(
+        self, chunk: int, lengths: np.ndarray, tokens: np.ndarray, counts: np.ndarray, labels: np.ndarray
+    ) -> None:
         """Append one whole chunk's cells (in position order) and publish it; stops quietly when the disk fills."""
         if not self.writable or self.table[chunk] != 0:
             return
@@ -266,7 +279,9 @@ class NodeCache:
 
     def _stop(self, why: str) -> None:
         self.writable = False
-        logger.warning("node cache %s: no longer storing chunks (%s); reading them from the atlas", self.layout.path, why)
+        logger.warning(
+            "node cache %s: no longer storing chunks (%s); reading them from the atlas", self.layout.path, why
+        )
 
     def _seg_path(self, seg: int) -> str:
         return os.path.join(self.layout.path, f"seg-{seg:06d}.bin")
@@ -278,3 +293,45 @@ class NodeCache:
         self._fd = None
         self.table.flush()
         del self.table
+
+
+def layout_for(spec, version: str, setting: str | None) -> CacheLayout | None:
+    """The cache of a loader's cells (`spec`: its `LoaderSpec`; `version`: what identifies the atlas's data;
+    `setting`: `data.node_cache_dir`), or None when off or the disk lacks room; logged either way."""
+    root = resolve_root(setting)
+    if root is None:
+        logger.info("node-local cache off (data.node_cache_dir=null): every epoch reads from %s", spec.uri)
+        return None
+    if spec.n_cells == 0:
+        return None
+    vocabs = [[v.column, v.categories] for v in spec.label_vocabs]
+    uri = spec.uri if "://" in spec.uri else os.path.abspath(spec.uri)
+    meta = {
+        "format": FORMAT,
+        "uri": uri,
+        "measurement": spec.measurement_name,
+        "layer": spec.layer_name,
+        "version": version,
+        "n_cells": spec.n_cells,
+        "obs_joinids_sha1": spec.index.sha1,
+        "chunk_cells": spec.chunk_cells,
+        "var_to_token_sha1": hashlib.sha1(
+            np.ascontiguousarray(spec.var_to_token, np.int64).tobytes()
+        ).hexdigest(),
+        "label_vocabs_sha1": hashlib.sha1(json.dumps(vocabs).encode()).hexdigest(),
+    }
+    labels = read_labels_dtype(spec.label_vocabs)
+    layout_args = {
+        "n_cells": spec.n_cells,
+        "chunk_cells": spec.chunk_cells,
+        "token_dtype": TokenMap(spec.var_to_token).dtype.str,
+        "label_dtype": labels.str,
+        "n_labels": len(spec.label_vocabs),
+    }
+    need = estimate_bytes(spec.chunk_nnz, CacheLayout(path="", **layout_args))
+    layout, why = prepare(root, cache_key(meta), meta, layout_args, need)
+    if layout is None:
+        logger.info("node-local cache off: %s; every epoch reads from %s", why, spec.uri)
+    else:
+        logger.info("node-local cache on: %s", why)
+    return layout

@@ -35,6 +35,7 @@ from scldm_scale.data.reader import (
     decode_group,
     read_group,
     read_labels,
+    read_labels_dtype,
     split_groups,
 )
 from scldm_scale.data.vocab import LabelVocab
@@ -167,11 +168,15 @@ def _units(
 class _Plan:
     positions: np.ndarray
     is_padding: bool
-    rows: np.ndarray  # row of each position in the unit's block: the cells read from SOMA, then the cached ones
-    joinids: np.ndarray  # of the cells read from SOMA, ascending
+    rows: np.ndarray
+    """Row of each position in the unit's block: the cells read from SOMA come first, then the cached ones."""
+    joinids: np.ndarray
+    """The cells read from SOMA, ascending."""
     groups: list[np.ndarray]
-    soma_positions: np.ndarray  # positions of `joinids`
-    cached: list[tuple[int, np.ndarray]]  # (chunk, positions of it in the unit, ascending) served by the cache
+    soma_positions: np.ndarray
+    """Positions of `joinids`."""
+    cached: list[tuple[int, np.ndarray]]
+    """(chunk, its positions in the unit, ascending) per chunk served by the cache."""
 
 
 def _plan(
@@ -219,7 +224,9 @@ def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple
                 keep = pos - chunk * spec.chunk_cells
                 indptr = np.r_[0, np.cumsum(lengths, dtype=np.int64)]
                 lengths = lengths[keep]
-                src = np.repeat(indptr[keep] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+                src = np.repeat(indptr[keep] - (np.cumsum(lengths) - lengths), lengths) + np.arange(
+                    lengths.sum()
+                )
                 tok, val, lab = tok[src], val[src], lab[keep]
             part = (lengths, tok, val)
         parts.append(part)
@@ -239,7 +246,9 @@ def _store(spec: LoaderSpec, plan: _Plan, block: CellBlock, labels: np.ndarray, 
         if b - a != cache.layout.chunk_len(chunk) or cache.table[chunk] != 0:
             continue
         lo, hi = block.indptr[a], block.indptr[b]
-        cache.write(chunk, np.diff(block.indptr[a : b + 1]), block.tokens[lo:hi], block.counts[lo:hi], labels[a:b])
+        cache.write(
+            chunk, np.diff(block.indptr[a : b + 1]), block.tokens[lo:hi], block.counts[lo:hi], labels[a:b]
+        )
 
 
 def _read_units(
@@ -292,7 +301,9 @@ def _read_units(
                             held = True
                             if nxt.groups:
                                 pending = pool.submit(read_group, X, nxt.groups[0])
-                    cached_parts, cached_labels = _from_cache(spec, cur, cache, fetch) if cur.cached else ([], [])
+                    cached_parts, cached_labels = (
+                        _from_cache(spec, cur, cache, fetch) if cur.cached else ([], [])
+                    )
                     parts = []
                     for i, group in enumerate(cur.groups):
                         table = pending.result()
@@ -310,11 +321,16 @@ def _read_units(
                         del table
                     if stop.is_set():
                         return
-                    soma_labels = (
-                        labels.result() if labels is not None else read_labels(exp.obs, cur.joinids, spec.label_vocabs)
-                    )
+                    if labels is not None:
+                        soma_labels = labels.result()
+                    else:  # every cell came from the cache
+                        soma_labels = np.zeros(
+                            (0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs)
+                        )
                     if cur.cached:
-                        joinids = np.concatenate([cur.joinids, *(spec.index.joinids(pos) for _, pos in cur.cached)])
+                        joinids = np.concatenate(
+                            [cur.joinids, *(spec.index.joinids(pos) for _, pos in cur.cached)]
+                        )
                         unit_labels = np.concatenate([soma_labels, *cached_labels])
                     else:
                         joinids, unit_labels = cur.joinids, soma_labels

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from scldm_scale.config.data import SomaDataConfig
-from scldm_scale.data import build_loader
-from scldm_scale.data import node_cache
+from scldm_scale.data import build_loader, node_cache
 
 
 def _cfg(uri: str, cache: str | None, **kw) -> SomaDataConfig:
@@ -63,7 +62,7 @@ def test_later_epochs_come_from_the_cache_with_the_same_batches(atlas, tmp_path,
     reference = build_loader(_cfg(atlas, None), rank=0, world_size=1)
     want = [_epoch(reference, e) for e in range(3)]
     cache = str(tmp_path / "cache")
-    with caplog.at_level(logging.INFO, logger="scldm_scale.data.loader"):
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
         loader = build_loader(_cfg(atlas, cache), rank=0, world_size=1)
     assert "node-local cache on" in caplog.text and cache in caplog.text
     _assert_same(_epoch(loader, 0), want[0])  # streams from SOMA and stores every chunk
@@ -78,7 +77,10 @@ def test_later_epochs_come_from_the_cache_with_the_same_batches(atlas, tmp_path,
     _assert_same(_epoch(loader, 1), want[1])
     _assert_same(_epoch(loader, 2), want[2])
     _assert_same(_epoch(again, 1), want[1])
-    assert build_loader(_cfg(atlas, cache), rank=0, world_size=1).dataset.spec.node_cache != again.dataset.spec.node_cache
+    assert (
+        build_loader(_cfg(atlas, cache), rank=0, world_size=1).dataset.spec.node_cache
+        != again.dataset.spec.node_cache
+    )
 
 
 def test_ranks_share_one_cache_including_chunks_split_between_them(atlas, tmp_path):
@@ -104,14 +106,14 @@ def test_ranks_share_one_cache_including_chunks_split_between_them(atlas, tmp_pa
 def test_off_when_the_disk_lacks_room_and_logged(atlas, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(node_cache, "RESERVE_FRACTION", 1.0)  # keep the whole disk free: no room
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="scldm_scale.data.loader"):
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
         loader = build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1)
     assert "node-local cache off" in caplog.text and "GiB free" in caplog.text
     assert loader.dataset.spec.node_cache is None
     assert len(_epoch(loader, 0)) > 0
     assert not list(cache.rglob("seg-*.bin"))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="scldm_scale.data.loader"):
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
         build_loader(_cfg(atlas, None), rank=0, world_size=1)
     assert "node-local cache off (data.node_cache_dir=null)" in caplog.text
 
@@ -138,7 +140,12 @@ def test_other_cells_or_genes_get_their_own_cache(atlas, tmp_path):
     paths = {a.path, b.dataset.spec.node_cache.path, c.dataset.spec.node_cache.path}
     assert len(paths) == 3 and same.path == a.path
     # a derived loader with another chunk size cannot use per-chunk records
-    assert build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1).derive(chunk_cells=8).dataset.spec.node_cache is None
+    assert (
+        build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1)
+        .derive(chunk_cells=8)
+        .dataset.spec.node_cache
+        is None
+    )
 
 
 def test_config_rejects_a_non_path():
