@@ -369,11 +369,9 @@ class SomaLoader:
             firsts = np.arange(0, s.n_cells, chunk) // s.chunk_cells
             chunk_nnz = s.chunk_nnz[firsts] if len(s.chunk_nnz) else s.chunk_nnz
         buffer = (s.block_chunks * s.chunk_cells) if buffer_cells is None else buffer_cells
-        node_cache = s.node_cache if chunk == s.chunk_cells else None  # the cache is stored per chunk
         spec = LoaderSpec(
             **{
                 **s.__dict__,
-                "node_cache": node_cache,
                 "chunk_cells": chunk,
                 "chunk_nnz": chunk_nnz,
                 "block_chunks": max(1, buffer // chunk) if shuffle else 1,

@@ -1,22 +1,27 @@
 """Node-local decoded cache: cells read from SOMA once, served from local disk in later epochs (numpy only).
 
-The first epoch streams from SOMA as always; every whole chunk (`data.shuffle_chunk_cells` consecutive cell
-positions) a reader decodes is also appended to that process's segment file on local disk, and its offset is
-published in a per-node chunk table. Later epochs read cached chunks back with two `pread`s each instead of a
-TileDB query, and only the rest from SOMA. The epoch order is untouched, so batches are identical with the cache
-on, off or half filled; it is a speed layer only (benchmarks/README.md, loader section).
+The first epoch streams from SOMA as always; every cell a reader decodes is also appended to that process's
+segment files on local disk, and where it went is recorded in per-cell tables shared by the node. Later
+epochs gather stored cells from the (page-cached) segments instead of querying TileDB, and read only the rest
+from SOMA. The epoch order is untouched, so batches are identical with the cache on, off or half filled; it is
+a speed layer only (benchmarks/README.md, loader section). Cells are addressed one by one, so a unit that is
+part of a block (a block over the memory budget), a chunk cut by a slot boundary or a partly stored unit all
+work the same way.
 
 Layout of `<node_cache_dir>/<key>/` (the key hashes the atlas snapshot, layer, selected cells, vocabularies and
-chunk size, so a re-ingested or differently filtered atlas gets its own directory):
-- `chunks.i64`: one int64 per chunk, 0 = not cached, else `(segment << 40) | offset`; a memory-mapped file
-  shared by the node's ranks and worker processes (8 bytes per chunk: 0.016 B per cell at 512 cells a chunk).
-  An aligned 8-byte store is atomic, and a reader publishes a chunk only after its record is written.
-- `seg-NNNNNN.bin`: records appended by one process (file created with O_EXCL: one writer each). A record is a
-  16-byte header (magic, cells, non-zeros), then the cells' token counts (uint32), tokens, counts (float32)
-  and label ids, each padded to 8 bytes.
+the machine's boot id, so a re-ingested or differently filtered atlas gets its own directory, and a cache
+never outlives a reboot that may have lost unflushed writes):
+- `cells.i64`: per cell position, 0 = not stored, else `(segment << 40) | index of its first value`;
+  `lengths.u32`: its stored tokens; `labels.bin`: its label ids (K per cell). Memory-mapped files shared by
+  the node's ranks and worker processes: 12 B + K label bytes per cell, file-backed (counted once per node,
+  not per rank, and only for the pages touched). A cell's entry is written after its values and length, as
+  one aligned 8-byte store.
+- `tok-NNNNNN.bin` / `cnt-NNNNNN.bin`: the tokens and float32 counts appended by one process (created with
+  O_EXCL: one writer each).
 - `meta.json`: what the key was made of (for people; never read back to decide anything).
 
-A record that does not read back whole (a truncated or foreign file) is a miss: the chunk comes from SOMA again.
+A cell whose values lie beyond its segment's end (a truncated or foreign file) is a miss: its unit's stored
+cells are read from SOMA again and stored again.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 
@@ -38,18 +42,17 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SCLDM_SCALE_NODE_CACHE"
 """Root used by `data.node_cache_dir: auto` when set (else `<tmpdir>/scldm_scale_node_cache`)."""
-FORMAT = 1
-_MAGIC = 0x5C1D_CAC1
-_HEADER = struct.Struct("<IIq")  # magic, cells, non-zeros
+FORMAT = 2
 _OFFSET_BITS = 40
+_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 RESERVE_FRACTION = 0.1
 """The cache is on only if its full size leaves this fraction of the disk (and at least `RESERVE_MIN_BYTES`)
 free; a writer stops appending when the disk gets that full."""
 RESERVE_MIN_BYTES = 1 << 30
-
-
-def _pad8(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
+GATHER_CELLS = 4096
+"""Cells gathered from the segments at a time (bounds the temporaries of `NodeCache.gather`)."""
+TABLE_BYTES_PER_CELL = 12
+"""cells.i64 and lengths.u32 (labels.bin adds K label bytes)."""
 
 
 def resolve_root(setting: str | None) -> str | None:
@@ -67,17 +70,12 @@ class CacheLayout:
 
     path: str
     n_cells: int
-    chunk_cells: int
     token_dtype: str
     label_dtype: str
     n_labels: int
 
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n_cells // self.chunk_cells)
-
-    def chunk_len(self, chunk: int) -> int:
-        return min(self.chunk_cells, self.n_cells - chunk * self.chunk_cells)
+    def table_bytes(self) -> int:
+        return self.n_cells * (TABLE_BYTES_PER_CELL + self.n_labels * np.dtype(self.label_dtype).itemsize)
 
 
 def cache_key(parts: dict) -> str:
@@ -85,13 +83,18 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def estimate_bytes(chunk_nnz: np.ndarray, layout: CacheLayout) -> int:
-    """Bytes the whole cache takes once every chunk is stored (from the measured non-zeros per chunk)."""
-    sizes = np.minimum(layout.chunk_cells, layout.n_cells - np.arange(layout.n_chunks) * layout.chunk_cells)
-    nnz = float((np.asarray(chunk_nnz, np.float64) * sizes).sum())
-    per_nnz = np.dtype(layout.token_dtype).itemsize + 4
-    per_cell = 4 + layout.n_labels * np.dtype(layout.label_dtype).itemsize
-    return int(nnz * per_nnz + layout.n_cells * per_cell + layout.n_chunks * (_HEADER.size + 32))
+def boot_id() -> str:
+    """This boot of the machine (Linux), so that no cache outlives a crash that lost page-cache writes."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def estimate_bytes(nnz: float, layout: CacheLayout) -> int:
+    """Bytes the whole cache takes once every cell is stored (`nnz`: the selection's stored non-zeros)."""
+    return int(nnz * (np.dtype(layout.token_dtype).itemsize + 4) + layout.table_bytes())
 
 
 def prepare(
@@ -99,16 +102,16 @@ def prepare(
 ) -> tuple[CacheLayout | None, str]:
     """The cache layout under `root/key` if the disk has room for `need_bytes` (else None), and why, in words.
 
-    Creates the directory and its chunk table (a sparse file) the first time; safe to run on every rank at
-    once (the table is created under a temporary name and linked into place).
+    The first process creates the directory with its (sparse) tables under a temporary name and renames it into
+    place, so every rank at once may call this and all find it whole.
     """
     path = os.path.join(root, key)
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(root, exist_ok=True)
     except OSError as exc:
-        return None, f"cannot create {path}: {exc}"
-    usage = shutil.disk_usage(path)
-    used = _dir_bytes(path)
+        return None, f"cannot create {root}: {exc}"
+    usage = shutil.disk_usage(root)
+    used = _dir_bytes(path) if os.path.isdir(path) else 0
     reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total))
     if need_bytes - used > usage.free - reserve:
         return None, (
@@ -116,183 +119,208 @@ def prepare(
             f"(keeping {reserve / 2**30:.2f} GiB)"
         )
     layout = CacheLayout(path=path, **layout_args)
-    table = os.path.join(path, "chunks.i64")
-    if not os.path.exists(table):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".chunks-")
-        try:
-            os.ftruncate(fd, layout.n_chunks * 8)
-            os.close(fd)
-            try:
-                os.link(tmp, table)  # fails if another process got there first: keep theirs
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
-        with open(os.path.join(path, "meta.json"), "w") as f:
+    sizes = _table_sizes(layout)
+    if not os.path.isdir(path):
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
+        for name, size in sizes.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.truncate(size)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({**meta, **layout_args}, f, indent=1, default=str)
-    if os.path.getsize(table) != layout.n_chunks * 8:
-        return (
-            None,
-            f"{table} has {os.path.getsize(table)} bytes, expected {layout.n_chunks * 8}: delete {path}",
-        )
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process got there first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name, size in sizes.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) != size:
+            return None, f"{file} is missing or not {size} bytes: delete {path}"
     return layout, f"{path} ({need_bytes / 2**30:.2f} GiB when full, {used / 2**30:.2f} GiB stored)"
 
 
+def _table_sizes(layout: CacheLayout) -> dict[str, int]:
+    label_bytes = layout.n_labels * np.dtype(layout.label_dtype).itemsize
+    return {
+        "cells.i64": 8 * layout.n_cells,
+        "lengths.u32": 4 * layout.n_cells,
+        "labels.bin": label_bytes * layout.n_cells,
+    }
+
+
 def _dir_bytes(path: str) -> int:
-    total = 0
-    for entry in os.scandir(path):
-        if entry.is_file():
-            total += entry.stat().st_blocks * 512
-    return total
+    return sum(e.stat().st_blocks * 512 for e in os.scandir(path) if e.is_file())
 
 
 class NodeCache:
-    """One process's handle on a cache directory: looks chunks up, reads them, appends new ones."""
+    """One process's handle on a cache directory: looks cells up, gathers them, appends new ones."""
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
-        self.table = np.memmap(
-            os.path.join(layout.path, "chunks.i64"), np.int64, "r+", shape=(layout.n_chunks,)
+        n, k = layout.n_cells, layout.n_labels
+        self.cells = np.memmap(os.path.join(layout.path, "cells.i64"), np.int64, "r+", shape=(n,))
+        self.lengths = np.memmap(os.path.join(layout.path, "lengths.u32"), np.uint32, "r+", shape=(n,))
+        self._label = np.dtype(layout.label_dtype)
+        self.labels = (
+            np.memmap(os.path.join(layout.path, "labels.bin"), self._label, "r+", shape=(n, k))
+            if n * k
+            else np.zeros((n, k), self._label)
         )
         self._token = np.dtype(layout.token_dtype)
-        self._label = np.dtype(layout.label_dtype)
-        self._readers: dict[int, int] = {}
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._seg: int | None = None
-        self._fd: int | None = None
-        self._end = 0
+        self._fds: tuple[int, int] | None = None
+        self._end = 0  # values in this process's segment
+        self._since_check = 0
         self.writable = True
         self.hits = self.misses = self.stored = 0
 
-    # -- lookup and read -------------------------------------------------------------------------------
-    def cached(self, chunks: np.ndarray) -> np.ndarray:
-        """bool per chunk id: stored."""
-        return self.table[chunks] != 0
+    def stored_mask(self, positions: np.ndarray) -> np.ndarray:
+        """bool per cell position: stored."""
+        return self.cells[positions] != 0
 
-    def read(self, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """(token counts per cell, tokens, counts, labels (cells, K)) of a stored chunk; None if unreadable."""
-        entry = int(self.table[chunk])
-        if entry == 0:
-            return None
-        seg, offset = entry >> _OFFSET_BITS, entry & ((1 << _OFFSET_BITS) - 1)
-        try:
-            fd = self._reader(seg)
-            head = os.pread(fd, _HEADER.size, offset)
-            if len(head) != _HEADER.size:
-                return self._bad(chunk, "truncated header")
-            magic, cells, nnz = _HEADER.unpack(head)
-            if magic != _MAGIC or cells != self.layout.chunk_len(chunk) or nnz < 0:
-                return self._bad(chunk, "header does not match")
-            sizes = self._sizes(cells, nnz)
-            body = os.pread(fd, sum(sizes), offset + _HEADER.size)
-        except OSError as exc:
-            return self._bad(chunk, str(exc))
-        if len(body) != sum(sizes):
-            return self._bad(chunk, "truncated record")
-        at = np.cumsum([0, *sizes])
-        lengths = np.frombuffer(body, np.uint32, cells, at[0])
-        tokens = np.frombuffer(body, self._token, nnz, at[1])
-        counts = np.frombuffer(body, np.float32, nnz, at[2])
-        labels = np.frombuffer(body, self._label, cells * self.layout.n_labels, at[3])
-        if int(lengths.sum(dtype=np.int64)) != nnz:
-            return self._bad(chunk, "token counts do not add up")
-        self.hits += 1
-        return lengths, tokens, counts, labels.reshape(cells, self.layout.n_labels)
+    def gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(token counts, tokens, counts, labels) of stored cells `positions`, in that order; None (and the
+        cells' entries cleared) if any of them does not read back."""
+        entry = self.cells[positions]
+        lengths = self.lengths[positions].astype(np.int64)
+        seg, first = entry >> _OFFSET_BITS, entry & _OFFSET_MASK
+        out_start = np.zeros(len(positions), np.int64)
+        np.cumsum(lengths[:-1], out=out_start[1:])
+        total = int(lengths.sum())
+        tok = np.empty(total, self._token)
+        val = np.empty(total, np.float32)
+        segs = np.unique(seg).tolist()
+        maps = {}
+        for sg in segs:
+            ends = first[seg == sg] + lengths[seg == sg]
+            maps[sg] = self._segment(sg, int(ends.max())) if sg else None
+            if maps[sg] is None:
+                return self._bad(positions, f"segment {sg} is missing or shorter than its cells")
+        # GATHER_CELLS cells at a time: the int64 value indices stay a few MB, not 8 B per value of the unit
+        # (fresh memory of that size cost more in page faults than the gather itself)
+        for lo in range(0, len(positions), GATHER_CELLS):
+            hi = min(len(positions), lo + GATHER_CELLS)
+            for sg in segs:
+                idx = lo + (np.arange(hi - lo) if len(segs) == 1 else np.flatnonzero(seg[lo:hi] == sg))
+                ln = lengths[idx]
+                n = int(ln.sum())
+                if n == 0:
+                    continue
+                within = np.cumsum(ln) - ln  # each cell's first value within this piece
+                src = np.repeat(first[idx] - within, ln) + np.arange(n)
+                if len(segs) == 1:  # the cells' values are one contiguous stretch of the output
+                    start = int(out_start[lo])
+                    np.take(maps[sg][0], src, out=tok[start : start + n])
+                    np.take(maps[sg][1], src, out=val[start : start + n])
+                else:
+                    dst = np.repeat(out_start[idx] - within, ln) + np.arange(n)
+                    tok[dst], val[dst] = maps[sg][0][src], maps[sg][1][src]
+        self.hits += len(positions)
+        return lengths, tok, val, np.asarray(self.labels[positions])
 
-    def _sizes(self, cells: int, nnz: int) -> list[int]:
-        return [
-            _pad8(4 * cells),
-            _pad8(self._token.itemsize * nnz),
-            _pad8(4 * nnz),
-            _pad8(self._label.itemsize * cells * self.layout.n_labels),
-        ]
+    def _segment(self, seg: int, need: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Read-only maps of segment `seg`'s tokens and counts covering at least `need` values (None: shorter)."""
+        maps = self._maps.get(seg)
+        if maps is None or len(maps[0]) < need:
+            try:
+                n = min(
+                    os.path.getsize(self._path("tok", seg)) // self._token.itemsize,
+                    os.path.getsize(self._path("cnt", seg)) // 4,
+                )
+            except OSError:
+                return None
+            if n < need:
+                return None
+            maps = (
+                np.memmap(self._path("tok", seg), self._token, "r", shape=(n,)),
+                np.memmap(self._path("cnt", seg), np.float32, "r", shape=(n,)),
+            )
+            self._maps[seg] = maps
+        return maps
 
-    def _reader(self, seg: int) -> int:
-        if seg not in self._readers:
-            self._readers[seg] = os.open(self._seg_path(seg), os.O_RDONLY)
-        return self._readers[seg]
-
-    def _bad(self, chunk: int, why: str) -> None:
-        self.misses += 1
-        self.table[chunk] = 0  # stored again by the next reader of it
+    def _bad(self, positions: np.ndarray, why: str) -> None:
+        self.misses += len(positions)
+        self.cells[positions] = 0  # stored again by the next reader of them
         logger.warning(
-            "node cache %s: chunk %d unreadable (%s); reading it from the atlas", self.layout.path, chunk, why
+            "node cache %s: %d cells unreadable (%s); reading them from the atlas",
+            self.layout.path,
+            len(positions),
+            why,
         )
         return None
 
-    # -- append ----------------------------------------------------------------------------------------
-    def write(
-        self, chunk: int, lengths: np.ndarray, tokens: np.ndarray, counts: np.ndarray, labels: np.ndarray
+    def store(
+        self,
+        positions: np.ndarray,
+        lengths: np.ndarray,
+        tokens: np.ndarray,
+        counts: np.ndarray,
+        labels: np.ndarray,
     ) -> None:
-        """Append one whole chunk's cells (in position order) and publish it; stops quietly when the disk fills."""
-        if not self.writable or self.table[chunk] != 0:
+        """Append cells (their token counts, tokens and counts one cell after another, label ids) and publish
+        them; stops storing, with a warning, when the disk gets nearly full."""
+        if not self.writable or not len(positions):
             return
-        cells, nnz = len(lengths), len(tokens)
-        if cells != self.layout.chunk_len(chunk):
-            raise ValueError(f"chunk {chunk}: {cells} cells, expected {self.layout.chunk_len(chunk)}")
-        parts = [
-            np.ascontiguousarray(lengths, np.uint32),
-            np.ascontiguousarray(tokens, self._token),
-            np.ascontiguousarray(counts, np.float32),
-            np.ascontiguousarray(labels, self._label),
-        ]
-        buffers: list = [_HEADER.pack(_MAGIC, cells, nnz)]
-        for part, size in zip(parts, self._sizes(cells, nnz), strict=True):
-            buffers += [part, bytes(size - part.nbytes)]
-        nbytes = _HEADER.size + sum(self._sizes(cells, nnz))
+        nnz = len(tokens)
         try:
-            fd = self._writer()
-            if self._end + nbytes >= 1 << _OFFSET_BITS:
-                self._stop("segment full")
-                return
-            if not self._room(nbytes):
-                self._stop("the disk is nearly full")
-                return
-            written = os.pwritev(fd, buffers, self._end)  # the arrays' own buffers: no copy
-            if written != nbytes:
-                self._stop(f"short write ({written} of {nbytes} bytes)")
-                return
+            tok_fd, cnt_fd = self._writer()
+            if self._end + nnz >= 1 << _OFFSET_BITS:
+                return self._stop("segment full")
+            self._since_check += nnz
+            if self._since_check > 1 << 22:  # statvfs every ~4M values
+                self._since_check = 0
+                usage = shutil.disk_usage(self.layout.path)
+                if usage.free < max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total)):
+                    return self._stop("the disk is nearly full")
+            tok = np.ascontiguousarray(tokens, self._token)
+            cnt = np.ascontiguousarray(counts, np.float32)
+            for fd, arr in ((tok_fd, tok), (cnt_fd, cnt)):
+                written = os.pwrite(fd, arr, self._end * arr.itemsize)
+                if written != arr.nbytes:
+                    return self._stop(f"short write ({written} of {arr.nbytes} bytes)")
         except OSError as exc:
-            self._stop(str(exc))
-            return
-        self.table[chunk] = (self._seg << _OFFSET_BITS) | self._end
-        self._end += nbytes
-        self.stored += 1
+            return self._stop(str(exc))
+        lengths = np.asarray(lengths, np.int64)
+        firsts = self._end + np.cumsum(lengths) - lengths
+        self.lengths[positions] = lengths
+        if self.layout.n_labels:
+            self.labels[positions] = labels
+        self.cells[positions] = (self._seg << _OFFSET_BITS) | firsts  # published last
+        self._end += nnz
+        self.stored += len(positions)
 
-    def _room(self, nbytes: int) -> bool:
-        if self.stored % 64:  # statvfs every 64 records
-            return True
-        usage = shutil.disk_usage(self.layout.path)
-        return usage.free - nbytes > max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total))
-
-    def _writer(self) -> int:
-        if self._fd is None:
+    def _writer(self) -> tuple[int, int]:
+        if self._fds is None:
             for seg in range(1, 1 << 23):
                 try:
-                    self._fd = os.open(self._seg_path(seg), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    tok = os.open(self._path("tok", seg), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
                     continue
+                self._fds = (tok, os.open(self._path("cnt", seg), os.O_WRONLY | os.O_CREAT, 0o644))
                 self._seg = seg
                 break
             else:
                 raise OSError("no free segment number")
-        return self._fd
+        return self._fds
 
     def _stop(self, why: str) -> None:
         self.writable = False
         logger.warning(
-            "node cache %s: no longer storing chunks (%s); reading them from the atlas", self.layout.path, why
+            "node cache %s: no longer storing cells (%s); reading them from the atlas", self.layout.path, why
         )
 
-    def _seg_path(self, seg: int) -> str:
-        return os.path.join(self.layout.path, f"seg-{seg:06d}.bin")
+    def _path(self, kind: str, seg: int) -> str:
+        return os.path.join(self.layout.path, f"{kind}-{seg:06d}.bin")
 
     def close(self) -> None:
-        for fd in [*self._readers.values(), *([self._fd] if self._fd is not None else [])]:
-            os.close(fd)
-        self._readers.clear()
-        self._fd = None
-        self.table.flush()
-        del self.table
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+        self._maps.clear()
+        for table in (self.cells, self.lengths, self.labels):
+            if isinstance(table, np.memmap):
+                table.flush()
 
 
 def layout_for(spec, version: str, setting: str | None) -> CacheLayout | None:
@@ -314,7 +342,7 @@ def layout_for(spec, version: str, setting: str | None) -> CacheLayout | None:
         "version": version,
         "n_cells": spec.n_cells,
         "obs_joinids_sha1": spec.index.sha1,
-        "chunk_cells": spec.chunk_cells,
+        "boot_id": boot_id(),
         "var_to_token_sha1": hashlib.sha1(
             np.ascontiguousarray(spec.var_to_token, np.int64).tobytes()
         ).hexdigest(),
@@ -323,12 +351,13 @@ def layout_for(spec, version: str, setting: str | None) -> CacheLayout | None:
     labels = read_labels_dtype(spec.label_vocabs)
     layout_args = {
         "n_cells": spec.n_cells,
-        "chunk_cells": spec.chunk_cells,
         "token_dtype": TokenMap(spec.var_to_token).dtype.str,
         "label_dtype": labels.str,
         "n_labels": len(spec.label_vocabs),
     }
-    need = estimate_bytes(spec.chunk_nnz, CacheLayout(path="", **layout_args))
+    sizes = np.minimum(spec.chunk_cells, spec.n_cells - np.arange(len(spec.chunk_nnz)) * spec.chunk_cells)
+    nnz = float((np.asarray(spec.chunk_nnz, np.float64) * sizes).sum())
+    need = estimate_bytes(nnz, CacheLayout(path="", **layout_args))
     layout, why = prepare(root, cache_key(meta), meta, layout_args, need)
     if layout is None:
         logger.info("node-local cache off: %s; every epoch reads from %s", why, spec.uri)

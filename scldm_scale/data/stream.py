@@ -175,8 +175,8 @@ class _Plan:
     groups: list[np.ndarray]
     soma_positions: np.ndarray
     """Positions of `joinids`."""
-    cached: list[tuple[int, np.ndarray]]
-    """(chunk, its positions in the unit, ascending) per chunk served by the cache."""
+    cached: np.ndarray
+    """Positions (ascending) of the cells the node cache serves."""
 
 
 def _plan(
@@ -190,65 +190,29 @@ def _plan(
         sorted_pos = positions[order]
         rows = np.empty(len(positions), np.int64)
         rows[order] = np.arange(len(positions))
-    cached: list[tuple[int, np.ndarray]] = []
-    if cache is not None and not is_pad and len(sorted_pos):
-        chunk_of = sorted_pos // spec.chunk_cells
-        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
-        ends = np.r_[starts[1:], len(sorted_pos)]
-        stored = cache.cached(chunk_of[starts])
+    cached = sorted_pos[:0]
+    if cache is not None and len(sorted_pos):
+        stored = cache.stored_mask(sorted_pos)
         if stored.any():
-            in_cache = np.repeat(stored, ends - starts)
-            soma = np.flatnonzero(~in_cache)
+            soma = np.flatnonzero(~stored)
             block_row = np.empty(len(sorted_pos), np.int64)  # SOMA cells first, then the cached ones
             block_row[soma] = np.arange(len(soma))
-            block_row[in_cache] = np.arange(len(soma), len(sorted_pos))
+            block_row[stored] = np.arange(len(soma), len(sorted_pos))
             rows = block_row[rows]
-            cached = [(int(chunk_of[a]), sorted_pos[a:b]) for a, b, hit in zip(starts, ends, stored) if hit]
+            cached = sorted_pos[stored]
             sorted_pos = sorted_pos[soma]
     joinids = spec.index.joinids(sorted_pos)
     return _Plan(positions, is_pad, rows, joinids, split_groups(joinids, read_cells), sorted_pos, cached)
 
 
-def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple[list, list[np.ndarray]]:
-    """(decoded parts, label rows) of the plan's cached chunks, in order; a chunk that does not read back is
-    fetched from SOMA instead (`fetch(joinids) -> (part, labels)`)."""
-    parts, labels = [], []
-    for chunk, pos in plan.cached:
-        got = cache.read(chunk)
-        if got is None:
-            part, lab = fetch(spec.index.joinids(pos))
-        else:
-            lengths, tok, val, lab = got
-            lengths = lengths.astype(np.int64)
-            if len(pos) != len(lengths):  # part of the chunk
-                keep = pos - chunk * spec.chunk_cells
-                indptr = np.r_[0, np.cumsum(lengths, dtype=np.int64)]
-                lengths = lengths[keep]
-                src = np.repeat(indptr[keep] - (np.cumsum(lengths) - lengths), lengths) + np.arange(
-                    lengths.sum()
-                )
-                tok, val, lab = tok[src], val[src], lab[keep]
-            part = (lengths, tok, val)
-        parts.append(part)
-        labels.append(lab)
-    return parts, labels
-
-
-def _store(spec: LoaderSpec, plan: _Plan, block: CellBlock, labels: np.ndarray, cache: NodeCache) -> None:
-    """Append the whole chunks among the unit's SOMA-read cells to the cache."""
-    if not cache.writable or plan.is_padding or not len(plan.soma_positions):
-        return
-    chunk_of = plan.soma_positions // spec.chunk_cells
-    starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
-    ends = np.r_[starts[1:], len(chunk_of)]
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        chunk = int(chunk_of[a])
-        if b - a != cache.layout.chunk_len(chunk) or cache.table[chunk] != 0:
-            continue
-        lo, hi = block.indptr[a], block.indptr[b]
-        cache.write(
-            chunk, np.diff(block.indptr[a : b + 1]), block.tokens[lo:hi], block.counts[lo:hi], labels[a:b]
-        )
+def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple[tuple, np.ndarray]:
+    """(decoded part, labels) of the plan's cached cells; if they do not read back whole, from SOMA instead
+    (`fetch(joinids) -> (part, labels)`)."""
+    got = cache.gather(plan.cached)
+    if got is None:
+        return fetch(spec.index.joinids(plan.cached))
+    lengths, tok, val, labels = got
+    return (lengths, tok, val), labels
 
 
 def _read_units(
@@ -301,9 +265,10 @@ def _read_units(
                             held = True
                             if nxt.groups:
                                 pending = pool.submit(read_group, X, nxt.groups[0])
-                    cached_parts, cached_labels = (
-                        _from_cache(spec, cur, cache, fetch) if cur.cached else ([], [])
-                    )
+                    cached_parts, cached_labels = [], []
+                    if len(cur.cached):
+                        part, lab = _from_cache(spec, cur, cache, fetch)
+                        cached_parts, cached_labels = [part], [lab]
                     parts = []
                     for i, group in enumerate(cur.groups):
                         table = pending.result()
@@ -327,16 +292,24 @@ def _read_units(
                         soma_labels = np.zeros(
                             (0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs)
                         )
-                    if cur.cached:
-                        joinids = np.concatenate(
-                            [cur.joinids, *(spec.index.joinids(pos) for _, pos in cur.cached)]
-                        )
+                    if len(cur.cached):
+                        joinids = np.concatenate([cur.joinids, spec.index.joinids(cur.cached)])
                         unit_labels = np.concatenate([soma_labels, *cached_labels])
                     else:
                         joinids, unit_labels = cur.joinids, soma_labels
                     block = assemble(joinids, parts + cached_parts, tokens.dtype)
-                    if cache is not None:
-                        _store(spec, cur, block, unit_labels, cache)
+                    if cache is not None and len(
+                        cur.soma_positions
+                    ):  # the SOMA cells: the block's first rows
+                        n = len(cur.soma_positions)
+                        end = block.indptr[n]
+                        cache.store(
+                            cur.soma_positions,
+                            np.diff(block.indptr[: n + 1]),
+                            block.tokens[:end],
+                            block.counts[:end],
+                            unit_labels[:n],
+                        )
                     out.put(_Unit(block, unit_labels, cur.rows, cur.positions, cur.is_padding))
                     cur = nxt
             finally:

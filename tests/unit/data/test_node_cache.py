@@ -58,33 +58,43 @@ def atlas(small_atlas, tmp_path) -> str:
     return str(copy)
 
 
-def test_later_epochs_come_from_the_cache_with_the_same_batches(atlas, tmp_path, caplog):
-    reference = build_loader(_cfg(atlas, None), rank=0, world_size=1)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        # 4 workers share 1 MiB: a block of 480 cells exceeds a worker's share, so units are random parts of it
+        {"num_workers": 4, "memory_budget_mb": 1, "shuffle_buffer_cells": 480},
+    ],
+    ids=["whole-blocks", "parts-of-blocks"],
+)
+def test_later_epochs_come_from_the_cache_with_the_same_batches(atlas, tmp_path, caplog, kw):
+    reference = build_loader(_cfg(atlas, None, **kw), rank=0, world_size=1)
     want = [_epoch(reference, e) for e in range(3)]
     cache = str(tmp_path / "cache")
     with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
-        loader = build_loader(_cfg(atlas, cache), rank=0, world_size=1)
+        loader = build_loader(_cfg(atlas, cache, **kw), rank=0, world_size=1)
     assert "node-local cache on" in caplog.text and cache in caplog.text
-    _assert_same(_epoch(loader, 0), want[0])  # streams from SOMA and stores every chunk
+    spec = loader.dataset.spec
+    if kw:
+        assert spec.unit_plan(spec.order(0), 0)[0] < spec.block_chunks * spec.chunk_cells
+    _assert_same(_epoch(loader, 0), want[0])  # streams from SOMA and stores every cell
     # a new loader (a new run on the same node) finds the same cache; built before X changes, since an atlas
     # without ingest commit keys is keyed by X's nnz (a changed X gets a new cache)
-    again = build_loader(_cfg(atlas, cache), rank=0, world_size=1)
-    assert again.dataset.spec.node_cache == loader.dataset.spec.node_cache
+    again = build_loader(_cfg(atlas, cache, **kw), rank=0, world_size=1)
+    assert again.dataset.spec.node_cache == spec.node_cache
     _hide_x(atlas)
     # Without the cache, the atlas now yields cells without counts: the check below has teeth.
-    blind = _epoch(build_loader(_cfg(atlas, None), rank=0, world_size=1), 1)
+    blind = _epoch(build_loader(_cfg(atlas, None, **kw), rank=0, world_size=1), 1)
     assert all(float(b["counts"].sum()) == 0 for b in blind)
     _assert_same(_epoch(loader, 1), want[1])
     _assert_same(_epoch(loader, 2), want[2])
     _assert_same(_epoch(again, 1), want[1])
-    assert (
-        build_loader(_cfg(atlas, cache), rank=0, world_size=1).dataset.spec.node_cache
-        != again.dataset.spec.node_cache
-    )
+    changed = build_loader(_cfg(atlas, cache, **kw), rank=0, world_size=1)
+    assert changed.dataset.spec.node_cache != spec.node_cache
 
 
 def test_ranks_share_one_cache_including_chunks_split_between_them(atlas, tmp_path):
-    # 30 cells a chunk and 2 ranks: slot boundaries cut chunks, so a rank also serves parts of stored chunks
+    # 30 cells a chunk and 2 ranks: slot boundaries cut chunks between the ranks
     kw = dict(shuffle_chunk_cells=30, shuffle_buffer_cells=90, remainder="pad")
     cache = str(tmp_path / "cache")
     ref = [build_loader(_cfg(atlas, None, **kw), rank=r, world_size=2) for r in range(2)]
@@ -93,12 +103,10 @@ def test_ranks_share_one_cache_including_chunks_split_between_them(atlas, tmp_pa
     for r in range(2):
         _assert_same(_epoch(loaders[r], 0), want[(r, 0)])
     (directory,) = Path(cache).iterdir()
-    assert len(list(directory.glob("seg-*.bin"))) == 2  # one writer per rank
-    table = node_cache.NodeCache(
-        node_cache.CacheLayout(str(directory), 480, 30, "<u2", "|u1", 2)
-    ).table  # 480 training cells
-    stored = int((table != 0).sum())
-    assert 12 <= stored < 16  # whole chunks only: those cut by a slot boundary are read again next time
+    assert len(list(directory.glob("tok-*.bin"))) == 2  # one writer per rank
+    stored = node_cache.NodeCache(loaders[0].dataset.spec.node_cache).cells
+    assert bool((stored != 0).all())  # every one of the 480 training cells, also those of cut chunks
+    _hide_x(atlas)
     for r in range(2):
         _assert_same(_epoch(loaders[r], 1), want[(r, 1)])
 
@@ -111,7 +119,7 @@ def test_off_when_the_disk_lacks_room_and_logged(atlas, tmp_path, caplog, monkey
     assert "node-local cache off" in caplog.text and "GiB free" in caplog.text
     assert loader.dataset.spec.node_cache is None
     assert len(_epoch(loader, 0)) > 0
-    assert not list(cache.rglob("seg-*.bin"))
+    assert not list(cache.rglob("tok-*.bin"))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
         build_loader(_cfg(atlas, None), rank=0, world_size=1)
@@ -123,12 +131,15 @@ def test_a_damaged_segment_is_read_from_the_atlas_again(atlas, tmp_path, caplog)
     want = _epoch(build_loader(_cfg(atlas, None), rank=0, world_size=1), 1)
     loader = build_loader(_cfg(atlas, cache), rank=0, world_size=1)
     _epoch(loader, 0)
-    (segment,) = Path(cache).glob("*/seg-*.bin")
+    (segment,) = Path(cache).glob("*/tok-*.bin")
     with open(segment, "r+b") as f:
         f.truncate(os.path.getsize(segment) // 2)
     with caplog.at_level(logging.WARNING, logger="scldm_scale.data.node_cache"):
         _assert_same(_epoch(loader, 1), want)
-    assert "unreadable (truncated" in caplog.text
+    assert "unreadable (segment 1 is missing or shorter" in caplog.text
+    # the cells it could not read were read from the atlas; the next reads store them again
+    _epoch(loader, 2)
+    assert bool((node_cache.NodeCache(loader.dataset.spec.node_cache).cells != 0).all())
 
 
 def test_other_cells_or_genes_get_their_own_cache(atlas, tmp_path):
@@ -139,13 +150,9 @@ def test_other_cells_or_genes_get_their_own_cache(atlas, tmp_path):
     same = build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1).dataset.spec.node_cache
     paths = {a.path, b.dataset.spec.node_cache.path, c.dataset.spec.node_cache.path}
     assert len(paths) == 3 and same.path == a.path
-    # a derived loader with another chunk size cannot use per-chunk records
-    assert (
-        build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1)
-        .derive(chunk_cells=8)
-        .dataset.spec.node_cache
-        is None
-    )
+    # a derived loader (another chunk size, order) serves the same cells: the same cache
+    derived = build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1).derive(chunk_cells=8, shuffle=False)
+    assert derived.dataset.spec.node_cache == a
 
 
 def test_config_rejects_a_non_path():
