@@ -302,6 +302,7 @@ def _overrides(args: argparse.Namespace, uri: str, run_dir: Path) -> list[str]:
         "tracking.enable_system_metrics=false",
         f"tracking.log_interval_steps={args.steps}",  # the per-log all-reduce once, at the end
     ]
+    out += [] if args.node_cache == "on" else ["data.node_cache_dir=null"]
     return out + ([f"engine.name={args.engine}"] if args.engine else [])
 
 
@@ -638,6 +639,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per training or index run")
     p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/scldm_scale/bench")))
+    p.add_argument(
+        "--node-cache",
+        choices=("on", "off"),
+        default="on",
+        help="the training runs' node-local cache (data.node_cache_dir): on (the default, under the workdir) or off",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="run dirs and logs (default: a fresh temp dir)")
     p.add_argument("--build-atlas", help=argparse.SUPPRESS)
     p.add_argument("--write-chunk-cells", type=int, default=None, help=argparse.SUPPRESS)
@@ -707,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.index_repeats,
             },
             "workdir": str(workdir),
-            "node_cache": "on (the default), under the workdir",
+            "node_cache": args.node_cache,
         },
         "train": [],
         "index": [],

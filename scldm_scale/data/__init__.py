@@ -25,8 +25,8 @@ match `data.value_filter`):
    a block larger than the worker's share of `data.memory_budget_mb` (the model in `budget.unit_sizes`,
    calibrated on measured read memory) is read in parts, so memory stays bounded whatever the number of
    workers (at the price of re-reading that block's chunks). With the node-local cache on (`node_cache.py`,
-   `data.node_cache_dir`), the reading thread also stores each whole chunk it decoded on local disk, and reads
-   stored chunks from there in later epochs (same cells, same order: only where they come from changes).
+   `data.node_cache_dir`), the reading thread also stores each cell it decoded on local disk, and reads
+   stored cells from there in later epochs (same cells, same order: only where they come from changes).
 5. Batches (`packed.py`, `collate.py`). Consecutive cells of the stream become a `RowBatch` (references to
    block rows), gathered once into a `PackedBatch` (numpy, unpadded) by the worker and padded by the consumer
    into the batch dict of DEVELOPERS.md (plus `is_padding`): tokens padded to the batch's longest cell, with a

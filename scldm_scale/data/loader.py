@@ -354,6 +354,7 @@ class SomaLoader:
         rank: int | None = None,
         world_size: int | None = None,
         seed: int | None = None,
+        memory_budget_mb: int | None = None,
     ) -> SomaLoader:
         """A loader over the same cells, atlas snapshot, genes and labels in another order or partition, without
         opening the atlas again (e.g. the library-size sample, the latent-cache pass). Unset arguments keep
@@ -381,6 +382,7 @@ class SomaLoader:
                 "num_workers": s.num_workers if num_workers is None else num_workers,
                 "rank": s.rank if rank is None else rank,
                 "world_size": s.world_size if world_size is None else world_size,
+                "memory_budget_mb": s.memory_budget_mb if memory_budget_mb is None else memory_budget_mb,
             }
         )
         return SomaLoader(

@@ -20,6 +20,11 @@ from scldm_scale.data.vocab import GeneVocab, LabelVocab
 
 SAMPLE_CHUNK_CELLS = 16
 """Contiguous cells per sampled run of the library-size sample (short runs: many datasets, still fast reads)."""
+SAMPLE_BUDGET_MB = 128
+"""`data.memory_budget_mb` of the sample pass (at most; TileDB then holds at most 64 MiB per query). The sample's
+runs are spread over the whole atlas, so one read of them touches as many X tiles as the budget lets TileDB
+hold: at the training budget (1,024 MiB: 128 MiB per query) rank 0's peak grew by up to ~90 MB from a 10^5- to
+a 10^6-cell atlas (benchmarks/README.md, scale section)."""
 MIN_GROUP_CELLS = 2
 """A label combination seen in fewer training cells than this has no statistics of its own."""
 
@@ -199,11 +204,15 @@ def library_size_stats(
             rank=0,
             world_size=1,
             seed=(cfg.seed if cfg.seed is not None else seed) if sample else 0,
+            memory_budget_mb=min(from_loader.dataset.spec.memory_budget_mb, SAMPLE_BUDGET_MB) if sample else None,
         )
     else:
         if sample:
             cfg = replace(
-                cfg, shuffle_chunk_cells=SAMPLE_CHUNK_CELLS, shuffle_buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells)
+                cfg,
+                shuffle_chunk_cells=SAMPLE_CHUNK_CELLS,
+                shuffle_buffer_cells=max(SAMPLE_CHUNK_CELLS, max_cells),
+                memory_budget_mb=min(cfg.memory_budget_mb, SAMPLE_BUDGET_MB),
             )
         loader = build_loader(
             cfg,
