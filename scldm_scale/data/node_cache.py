@@ -121,12 +121,15 @@ def prepare(
     layout = CacheLayout(path=path, **layout_args)
     sizes = _table_sizes(layout)
     if not os.path.isdir(path):
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
-        for name, size in sizes.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.truncate(size)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, **layout_args}, f, indent=1, default=str)
+        try:
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
+            for name, size in sizes.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.truncate(size)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({**meta, **layout_args}, f, indent=1, default=str)
+        except OSError as exc:
+            return None, f"cannot create a cache under {root}: {exc}"
         try:
             os.rename(tmp, path)
         except OSError:  # another process got there first: keep theirs
@@ -153,6 +156,20 @@ def _dir_bytes(path: str) -> int:
 
 class NodeCache:
     """One process's handle on a cache directory: looks cells up, gathers them, appends new ones."""
+
+    @classmethod
+    def open(cls, layout: CacheLayout | None) -> NodeCache | None:
+        """The handle, or None (with a warning: the loader then reads every cell from the atlas) when the
+        directory can no longer be opened, e.g. deleted since the loader was built."""
+        if layout is None:
+            return None
+        try:
+            return cls(layout)
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "node cache %s cannot be opened (%s); reading every cell from the atlas", layout.path, exc
+            )
+            return None
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout

@@ -237,7 +237,7 @@ def _read_units(
             ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
         ):
             X = exp.ms[spec.measurement_name].X[spec.layer_name]
-            cache = NodeCache(spec.node_cache) if spec.node_cache is not None else None
+            cache = NodeCache.open(spec.node_cache)
 
             def plan(item) -> _Plan | None:
                 return _plan(spec, *item, cache) if item is not None else None

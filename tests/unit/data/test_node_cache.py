@@ -142,6 +142,21 @@ def test_a_damaged_segment_is_read_from_the_atlas_again(atlas, tmp_path, caplog)
     assert bool((node_cache.NodeCache(loader.dataset.spec.node_cache).cells != 0).all())
 
 
+def test_a_cache_deleted_under_a_running_loader_is_a_warning_not_an_error(atlas, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    want = _epoch(build_loader(_cfg(atlas, None), rank=0, world_size=1), 1)
+    loader = build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1)
+    shutil.rmtree(cache)
+    with caplog.at_level(logging.WARNING, logger="scldm_scale.data.node_cache"):
+        _assert_same(_epoch(loader, 1), want)
+    assert "cannot be opened" in caplog.text
+    # a cache root that cannot be a directory: off, with the reason in the log
+    (tmp_path / "a_file").write_text("not a directory")
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.node_cache"):
+        off = build_loader(_cfg(atlas, str(tmp_path / "a_file")), rank=0, world_size=1)
+    assert off.dataset.spec.node_cache is None and "node-local cache off: cannot create" in caplog.text
+
+
 def test_other_cells_or_genes_get_their_own_cache(atlas, tmp_path):
     cache = tmp_path / "cache"
     a = build_loader(_cfg(atlas, str(cache)), rank=0, world_size=1).dataset.spec.node_cache
