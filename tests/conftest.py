@@ -15,34 +15,29 @@ DEMO_ATLAS_ENV = "SCLDM_SCALE_DEMO_ATLAS"
 NODE_CACHE_ENV = "SCLDM_SCALE_NODE_CACHE"
 
 
+def _set_env(name: str, value: str) -> Iterator[str]:
+    """Set an environment variable for the session, restoring the earlier value (or its absence) afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield value
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _node_cache_location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Point the loaders' default node-local cache (`data.node_cache_dir: auto`) at a session temp dir."""
-    path = str(tmp_path_factory.mktemp("node_cache"))
-    previous = os.environ.get(NODE_CACHE_ENV)
-    os.environ[NODE_CACHE_ENV] = path
-    try:
-        yield path
-    finally:
-        if previous is None:
-            os.environ.pop(NODE_CACHE_ENV, None)
-        else:
-            os.environ[NODE_CACHE_ENV] = previous
+    yield from _set_env(NODE_CACHE_ENV, str(tmp_path_factory.mktemp("node_cache")))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _demo_atlas_location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Point the default demo atlas location at a session temp dir (restored afterwards)."""
-    path = str(tmp_path_factory.mktemp("demo") / "demo_atlas")
-    previous = os.environ.get(DEMO_ATLAS_ENV)
-    os.environ[DEMO_ATLAS_ENV] = path
-    try:
-        yield path
-    finally:
-        if previous is None:
-            os.environ.pop(DEMO_ATLAS_ENV, None)
-        else:
-            os.environ[DEMO_ATLAS_ENV] = previous
+    yield from _set_env(DEMO_ATLAS_ENV, str(tmp_path_factory.mktemp("demo") / "demo_atlas"))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,22 @@ import pandas as pd
 import pyarrow as pa
 import tiledbsoma
 
+from scldm_scale.config.data import SomaDataConfig
+
+
+def loader_config(uri: str, **kw) -> SomaDataConfig:
+    """The data config of the loader tests: batches of 16, chunks of 16, blocks of 64 cells, seed 3, two labels."""
+    base = dict(
+        atlas_uri=uri,
+        micro_batch_size=16,
+        shuffle_chunk_cells=16,
+        shuffle_buffer_cells=64,
+        seed=3,
+        label_columns=["dataset_id", "cell_type"],
+    )
+    base.update(kw)
+    return SomaDataConfig(**base)
+
 
 def gene_ids(n_genes: int, *, reverse: bool = False, extra: int = 0) -> list[str]:
     """feature_ids of a test atlas var: G00000.. (reversed if asked), the last `extra` renamed X00000.."""

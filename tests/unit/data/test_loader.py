@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 import tiledbsoma
 import torch
+from soma_test_atlas import loader_config
 
 from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.data import GeneVocab, LabelVocab, build_gene_vocab, build_label_vocabs, build_loader
 
 
 def _cfg(uri: str, **kw) -> SomaDataConfig:
-    base = dict(
-        atlas_uri=uri,
-        micro_batch_size=16,
-        shuffle_chunk_cells=16,
-        shuffle_buffer_cells=64,
-        seed=3,
-        label_columns=["dataset_id", "cell_type"],
-    )
-    base.update(kw)
-    return SomaDataConfig(**base)
+    return loader_config(uri, **kw)
 
 
 def _joinids(loader) -> list[int]:

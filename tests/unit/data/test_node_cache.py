@@ -10,24 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from soma_test_atlas import loader_config
 
 from scldm_scale.config.data import SomaDataConfig
 from scldm_scale.data import build_loader, node_cache
 
 
 def _cfg(uri: str, cache: str | None, **kw) -> SomaDataConfig:
-    base = dict(
-        atlas_uri=uri,
-        micro_batch_size=16,
-        shuffle_chunk_cells=16,
-        shuffle_buffer_cells=64,
-        seed=3,
-        remainder="drop",
-        label_columns=["dataset_id", "cell_type"],
-        node_cache_dir=cache,
-    )
-    base.update(kw)
-    return SomaDataConfig(**base)
+    return loader_config(uri, **{"remainder": "drop", "node_cache_dir": cache, **kw})
 
 
 def _epoch(loader, epoch: int) -> list[dict[str, torch.Tensor]]:
