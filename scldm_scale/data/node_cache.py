@@ -189,7 +189,6 @@ class NodeCache:
         self._end = 0  # values in this process's segment
         self._since_check = 0
         self.writable = True
-        self.hits = self.misses = self.stored = 0
 
     def stored_mask(self, positions: np.ndarray) -> np.ndarray:
         """bool per cell position: stored."""
@@ -232,7 +231,6 @@ class NodeCache:
                 else:
                     dst = np.repeat(out_start[idx] - within, ln) + np.arange(n)
                     tok[dst], val[dst] = maps[sg][0][src], maps[sg][1][src]
-        self.hits += len(positions)
         return lengths, tok, val, np.asarray(self.labels[positions])
 
     def _segment(self, seg: int, need: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -256,7 +254,6 @@ class NodeCache:
         return maps
 
     def _bad(self, positions: np.ndarray, why: str) -> None:
-        self.misses += len(positions)
         self.cells[positions] = 0  # stored again by the next reader of them
         logger.warning(
             "node cache %s: %d cells unreadable (%s); reading them from the atlas",
@@ -304,7 +301,6 @@ class NodeCache:
             self.labels[positions] = labels
         self.cells[positions] = (self._seg << _OFFSET_BITS) | firsts  # published last
         self._end += nnz
-        self.stored += len(positions)
 
     def _writer(self) -> tuple[int, int]:
         if self._fds is None:

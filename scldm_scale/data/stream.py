@@ -215,6 +215,16 @@ def _from_cache(spec: LoaderSpec, plan: _Plan, cache: NodeCache, fetch) -> tuple
     return (lengths, tok, val), labels
 
 
+def _store(cache: NodeCache, positions: np.ndarray, block: CellBlock, labels: np.ndarray) -> None:
+    """Store the unit's cells read from SOMA (`positions`: the block's first rows) in the node cache."""
+    n = len(positions)
+    if n:
+        end = block.indptr[n]
+        cache.store(
+            positions, np.diff(block.indptr[: n + 1]), block.tokens[:end], block.counts[:end], labels[:n]
+        )
+
+
 def _read_units(
     spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot, out: queue.Queue, stop, room
 ) -> None:
@@ -223,7 +233,8 @@ def _read_units(
     The next X read (of this unit, or the next unit's first when there is room) runs in a pool thread while
     this thread decodes the current one, so TileDB never waits for numpy: at most two reads are in flight.
     Every TileDB query (X groups and the unit's obs labels) runs in that one pool thread: two concurrent
-    queries on one opened experiment crashed TileDB (a segfault in CI).
+    queries on one opened experiment crashed TileDB (a segfault in CI). With the node cache, a unit's stored
+    cells are gathered from it while its first X read runs, and the cells read from SOMA are stored after.
     """
     try:
         import tiledbsoma
@@ -239,17 +250,22 @@ def _read_units(
             X = exp.ms[spec.measurement_name].X[spec.layer_name]
             cache = NodeCache.open(spec.node_cache)
 
-            def plan(item) -> _Plan | None:
-                return _plan(spec, *item, cache) if item is not None else None
-
-            def fetch(joinids: np.ndarray):  # a cached chunk that did not read back: from SOMA, now
+            def fetch(joinids: np.ndarray):  # cached cells that did not read back: from SOMA, now
                 table = pool.submit(read_group, X, joinids).result()
                 labels = pool.submit(read_labels, exp.obs, joinids, spec.label_vocabs).result()
                 return decode_group(table, joinids, tokens), labels
 
+            def start_next():  # plan the next unit; start its first read if there is room (never block: the
+                item = next(units, None)  # consumer awaits the current unit)
+                nxt = _plan(spec, *item, cache) if item is not None else None
+                if nxt is None or not room.acquire(blocking=False):
+                    return nxt, False, None
+                return nxt, True, pool.submit(read_group, X, nxt.groups[0]) if nxt.groups else None
+
             try:
                 units = _units(spec, epoch, pieces, slot)
-                cur = plan(next(units, None))
+                item = next(units, None)
+                cur = _plan(spec, *item, cache) if item is not None else None
                 pending, held = None, False  # held: cur's room is taken (and its first read started)
                 while cur is not None:
                     if not held:
@@ -257,18 +273,10 @@ def _read_units(
                             return
                         if cur.groups:
                             pending = pool.submit(read_group, X, cur.groups[0])
-                    nxt, held = None, False
-                    labels = None
-                    if not cur.groups:  # served by the cache: the next unit's first read runs meanwhile
-                        nxt = plan(next(units, None))
-                        if nxt is not None and room.acquire(blocking=False):
-                            held = True
-                            if nxt.groups:
-                                pending = pool.submit(read_group, X, nxt.groups[0])
-                    cached_parts, cached_labels = [], []
-                    if len(cur.cached):
-                        part, lab = _from_cache(spec, cur, cache, fetch)
-                        cached_parts, cached_labels = [part], [lab]
+                    nxt, held, labels = None, False, None
+                    if not cur.groups:  # all from the cache: the next unit's first read runs meanwhile
+                        nxt, held, pending = start_next()
+                    cached = _from_cache(spec, cur, cache, fetch) if len(cur.cached) else None
                     parts = []
                     for i, group in enumerate(cur.groups):
                         table = pending.result()
@@ -277,39 +285,24 @@ def _read_units(
                             pending = pool.submit(read_group, X, cur.groups[i + 1])
                         else:  # the labels, then the next unit's first read: one TileDB query at a time
                             labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
-                            nxt = plan(next(units, None))
-                            if nxt is not None and room.acquire(blocking=False):  # never block here: the
-                                held = True  # consumer awaits cur
-                                if nxt.groups:
-                                    pending = pool.submit(read_group, X, nxt.groups[0])
+                            nxt, held, pending = start_next()
                         parts.append(decode_group(table, group, tokens))
                         del table
                     if stop.is_set():
                         return
-                    if labels is not None:
-                        soma_labels = labels.result()
-                    else:  # every cell came from the cache
-                        soma_labels = np.zeros(
-                            (0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs)
-                        )
-                    if len(cur.cached):
-                        joinids = np.concatenate([cur.joinids, spec.index.joinids(cur.cached)])
-                        unit_labels = np.concatenate([soma_labels, *cached_labels])
-                    else:
-                        joinids, unit_labels = cur.joinids, soma_labels
-                    block = assemble(joinids, parts + cached_parts, tokens.dtype)
-                    if cache is not None and len(
-                        cur.soma_positions
-                    ):  # the SOMA cells: the block's first rows
-                        n = len(cur.soma_positions)
-                        end = block.indptr[n]
-                        cache.store(
-                            cur.soma_positions,
-                            np.diff(block.indptr[: n + 1]),
-                            block.tokens[:end],
-                            block.counts[:end],
-                            unit_labels[:n],
-                        )
+                    unit_labels = (
+                        labels.result()
+                        if labels is not None
+                        else np.zeros((0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs))
+                    )
+                    joinids = cur.joinids
+                    if cached is not None:  # the cached cells follow those read from SOMA
+                        joinids = np.concatenate([joinids, spec.index.joinids(cur.cached)])
+                        parts.append(cached[0])
+                        unit_labels = np.concatenate([unit_labels, cached[1]])
+                    block = assemble(joinids, parts, tokens.dtype)
+                    if cache is not None:
+                        _store(cache, cur.soma_positions, block, unit_labels)
                     out.put(_Unit(block, unit_labels, cur.rows, cur.positions, cur.is_padding))
                     cur = nxt
             finally:
