@@ -528,7 +528,8 @@ class _Opened:
     cells: CellSelection
     snapshot: int | None
     version: str
-    """What identifies the data read: the committed ingest's timestamp, or X's nnz for an atlas without one."""
+    """What identifies the data read (the node cache's key): the committed ingest's timestamp, or X's nnz for an
+    atlas without one; empty with the cache off."""
 
 
 def _select(
@@ -561,9 +562,10 @@ def _select(
             chunk_cells=cfg.shuffle_chunk_cells,
             label_vocabs=label_vocabs,
         )
-        committed = exp.metadata.get(COMMITTED_TIMESTAMP_KEY)
-        x = exp.ms[cfg.measurement_name].X[cfg.layer_name]
-        version = f"committed:{int(committed)}" if committed is not None else f"nnz:{x.nnz}:shape:{x.shape}"
+        committed, version = exp.metadata.get(COMMITTED_TIMESTAMP_KEY), ""
+        if cfg.node_cache_dir is not None:  # the cache's key (X's nnz reads every fragment's metadata)
+            x = exp.ms[cfg.measurement_name].X[cfg.layer_name]
+            version = f"committed:{int(committed)}" if committed is not None else f"nnz:{x.nnz}:shape:{x.shape}"
         return _Opened(gene_vocab, var_to_token, cells, exp.tiledb_timestamp_ms, version)  # workers read this
 
 
