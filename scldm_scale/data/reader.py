@@ -10,6 +10,9 @@ benchmark's atlas), and 1.3-1.5x less than one slice read per chunk: TileDB deco
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,18 +112,40 @@ def _library(counts: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     return out
 
 
-def release_arrow_memory() -> None:
-    """Hand the memory that Arrow's pool has freed back to the OS (a few microseconds).
+_readers = 0
+_readers_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reading() -> Iterator[None]:
+    """Mark a loader reading thread (its TileDB reads allocate from Arrow's pool) as alive while inside."""
+    global _readers
+    with _readers_lock:
+        _readers += 1
+    try:
+        yield
+    finally:
+        with _readers_lock:
+            _readers -= 1
+
+
+def release_arrow_memory() -> bool:
+    """Hand the memory that Arrow's pool has freed back to the OS (a few microseconds); False, doing nothing,
+    while a loader reading thread of this process is alive.
 
     pyarrow's default pool (mimalloc) otherwise keeps freed pages per thread, and the amount kept grows with
     the reads' working set, hence with the atlas: on the index-only scale run (census layout, 16 genes,
     `split == 'train'`) it was most of the loader's private-memory growth from 10^5 to 10^7 cells. The loader
-    calls it once, after the obs pass of its build. Calling it from the reading threads after every unit as well
-    was tried and is not done: one CI run then crashed (a segfault outside any Python frame, right after both
-    reading threads had called it), and mimalloc's forced collection is not documented as safe to run
-    concurrently.
+    calls it once, after the obs pass of its build. mimalloc's forced collection is not documented as safe
+    while other threads allocate: reading threads calling it after every unit crashed one CI run (a segfault),
+    and a build next to a still-running reading thread of an earlier loader aborted another. So it runs only
+    when no reading thread is alive, and a reading thread cannot start while it runs.
     """
-    pa.default_memory_pool().release_unused()
+    with _readers_lock:
+        if _readers:
+            return False
+        pa.default_memory_pool().release_unused()
+        return True
 
 
 def split_groups(joinids: np.ndarray, group_cells: int) -> list[np.ndarray]:

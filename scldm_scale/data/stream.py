@@ -36,6 +36,7 @@ from scldm_scale.data.reader import (
     read_group,
     read_labels,
     read_labels_dtype,
+    reading,
     split_groups,
 )
 from scldm_scale.data.vocab import LabelVocab
@@ -237,84 +238,92 @@ def _read_units(
     cells are gathered from it while its first X read runs, and the cells read from SOMA are stored after.
     """
     try:
-        import tiledbsoma
-
-        tokens = TokenMap(spec.var_to_token)
-        ctx = make_soma_context(
-            spec.uri, spec.s3_endpoint_url, verify_tls=spec.s3_verify_tls, read_budget_mb=read_budget_mb(spec)
-        )
-        with (
-            tiledbsoma.Experiment.open(spec.uri, context=ctx, tiledb_timestamp=spec.tiledb_timestamp) as exp,
-            ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
-        ):
-            X = exp.ms[spec.measurement_name].X[spec.layer_name]
-            cache = NodeCache.open(spec.node_cache)
-
-            def fetch(joinids: np.ndarray):  # cached cells that did not read back: from SOMA, now
-                table = pool.submit(read_group, X, joinids).result()
-                labels = pool.submit(read_labels, exp.obs, joinids, spec.label_vocabs).result()
-                return decode_group(table, joinids, tokens), labels
-
-            def start_next():  # plan the next unit; start its first read if there is room (never block: the
-                item = next(units, None)  # consumer awaits the current unit)
-                nxt = _plan(spec, *item, cache) if item is not None else None
-                if nxt is None or not room.acquire(blocking=False):
-                    return nxt, False, None
-                return nxt, True, pool.submit(read_group, X, nxt.groups[0]) if nxt.groups else None
-
-            try:
-                units = _units(spec, epoch, pieces, slot)
-                item = next(units, None)
-                cur = _plan(spec, *item, cache) if item is not None else None
-                pending, held = None, False  # held: cur's room is taken (and its first read started)
-                while cur is not None:
-                    if not held:
-                        if not _acquire(room, stop):
-                            return
-                        if cur.groups:
-                            pending = pool.submit(read_group, X, cur.groups[0])
-                    nxt, held, labels = None, False, None
-                    if not cur.groups:  # all from the cache: the next unit's first read runs meanwhile
-                        nxt, held, pending = start_next()
-                    cached = _from_cache(spec, cur, cache, fetch) if len(cur.cached) else None
-                    parts = []
-                    for i, group in enumerate(cur.groups):
-                        table = pending.result()
-                        pending = None
-                        if i + 1 < len(cur.groups):
-                            pending = pool.submit(read_group, X, cur.groups[i + 1])
-                        else:  # the labels, then the next unit's first read: one TileDB query at a time
-                            labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
-                            nxt, held, pending = start_next()
-                        parts.append(decode_group(table, group, tokens))
-                        del table
-                    if stop.is_set():
-                        return
-                    unit_labels = (
-                        labels.result()
-                        if labels is not None
-                        else np.zeros((0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs))
-                    )
-                    joinids = cur.joinids
-                    if cached is not None:  # the cached cells follow those read from SOMA
-                        joinids = np.concatenate([joinids, spec.index.joinids(cur.cached)])
-                        parts.append(cached[0])
-                        unit_labels = np.concatenate([unit_labels, cached[1]])
-                    block = assemble(joinids, parts, tokens.dtype)
-                    if cache is not None:
-                        _store(cache, cur.soma_positions, block, unit_labels)
-                    out.put(_Unit(block, unit_labels, cur.rows, cur.positions, cur.is_padding))
-                    cur = nxt
-            finally:
-                if cache is not None:
-                    cache.close()
-        out.put(None)
+        with reading():  # no Arrow memory release in this process meanwhile (`reader.release_arrow_memory`)
+            _read_all(spec, epoch, pieces, slot, out, stop, room)
     except Exception as exc:  # handed to the consumer, which re-raises it: never swallowed
         err = RuntimeError(f"loader reading {spec.uri!r} (rank {spec.rank}) failed: {exc}")
         err.__cause__ = exc
         out.put(err)
     except BaseException as exc:
         out.put(exc)
+
+
+def _read_all(
+    spec: LoaderSpec, epoch: int, pieces: list[Piece], slot: Slot, out: queue.Queue, stop, room
+) -> None:
+    """The body of `_read_units` (its errors are handed to the consumer there)."""
+    import tiledbsoma
+
+    tokens = TokenMap(spec.var_to_token)
+    ctx = make_soma_context(
+        spec.uri, spec.s3_endpoint_url, verify_tls=spec.s3_verify_tls, read_budget_mb=read_budget_mb(spec)
+    )
+    with (
+        tiledbsoma.Experiment.open(spec.uri, context=ctx, tiledb_timestamp=spec.tiledb_timestamp) as exp,
+        ThreadPoolExecutor(1, thread_name_prefix="scldm-read") as pool,
+    ):
+        X = exp.ms[spec.measurement_name].X[spec.layer_name]
+        cache = NodeCache.open(spec.node_cache)
+
+        def fetch(joinids: np.ndarray):  # cached cells that did not read back: from SOMA, now
+            table = pool.submit(read_group, X, joinids).result()
+            labels = pool.submit(read_labels, exp.obs, joinids, spec.label_vocabs).result()
+            return decode_group(table, joinids, tokens), labels
+
+        def start_next():  # plan the next unit; start its first read if there is room (never block: the
+            item = next(units, None)  # consumer awaits the current unit)
+            nxt = _plan(spec, *item, cache) if item is not None else None
+            if nxt is None or not room.acquire(blocking=False):
+                return nxt, False, None
+            return nxt, True, pool.submit(read_group, X, nxt.groups[0]) if nxt.groups else None
+
+        try:
+            units = _units(spec, epoch, pieces, slot)
+            item = next(units, None)
+            cur = _plan(spec, *item, cache) if item is not None else None
+            pending, held = None, False  # held: cur's room is taken (and its first read started)
+            while cur is not None:
+                if not held:
+                    if not _acquire(room, stop):
+                        return
+                    if cur.groups:
+                        pending = pool.submit(read_group, X, cur.groups[0])
+                nxt, held, labels = None, False, None
+                if not cur.groups:  # all from the cache: the next unit's first read runs meanwhile
+                    nxt, held, pending = start_next()
+                cached = _from_cache(spec, cur, cache, fetch) if len(cur.cached) else None
+                parts = []
+                for i, group in enumerate(cur.groups):
+                    table = pending.result()
+                    pending = None
+                    if i + 1 < len(cur.groups):
+                        pending = pool.submit(read_group, X, cur.groups[i + 1])
+                    else:  # the labels, then the next unit's first read: one TileDB query at a time
+                        labels = pool.submit(read_labels, exp.obs, cur.joinids, spec.label_vocabs)
+                        nxt, held, pending = start_next()
+                    parts.append(decode_group(table, group, tokens))
+                    del table
+                if stop.is_set():
+                    return
+                unit_labels = (
+                    labels.result()
+                    if labels is not None
+                    else np.zeros((0, len(spec.label_vocabs)), read_labels_dtype(spec.label_vocabs))
+                )
+                joinids = cur.joinids
+                if cached is not None:  # the cached cells follow those read from SOMA
+                    joinids = np.concatenate([joinids, spec.index.joinids(cur.cached)])
+                    parts.append(cached[0])
+                    unit_labels = np.concatenate([unit_labels, cached[1]])
+                block = assemble(joinids, parts, tokens.dtype)
+                if cache is not None:
+                    _store(cache, cur.soma_positions, block, unit_labels)
+                out.put(_Unit(block, unit_labels, cur.rows, cur.positions, cur.is_padding))
+                cur = nxt
+        finally:
+            if cache is not None:
+                cache.close()
+    out.put(None)
 
 
 def _acquire(room: threading.Semaphore, stop: threading.Event) -> bool:

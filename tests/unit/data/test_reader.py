@@ -26,7 +26,9 @@ def _dense(uri: str) -> np.ndarray:
         X = exp.ms["RNA"].X["raw"]
         t = X.read().tables().concat()
         out = np.zeros(X.shape, np.float32)
-    out[t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy()] = t.column("soma_data").to_numpy()
+    out[t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy()] = t.column(
+        "soma_data"
+    ).to_numpy()
     return out
 
 
@@ -123,3 +125,20 @@ def test_decode_sorts_an_unordered_read_result():
     assert lengths.tolist() == [3, 2, 0, 1]
     assert sorted(zip(tok[:3].tolist(), val[:3].tolist())) == [(1, 6.0), (3, 3.0), (4, 4.0)]
     assert tok[3:].tolist() == [1, 2, 5] and val[3:].tolist() == [1.0, 2.0, 5.0]
+
+
+def test_arrow_memory_is_released_only_while_no_reading_thread_is_alive(small_atlas):
+    """mimalloc's forced collection next to a reading thread crashed CI runs: a build skips it then."""
+    from scldm_scale.data import reader
+
+    assert reader.release_arrow_memory() is True
+    cfg = SomaDataConfig(
+        atlas_uri=small_atlas, micro_batch_size=8, shuffle_chunk_cells=8, shuffle_buffer_cells=16, seed=0
+    )
+    stream = iter(build_loader(cfg, rank=0, world_size=1))
+    next(stream)  # the reading thread is alive, reading ahead
+    assert reader.release_arrow_memory() is False
+    # a build now (its obs pass would release the pool) still works, and releases nothing
+    assert len(build_loader(cfg, rank=0, world_size=1)) > 0
+    stream.close()  # joins the reading thread
+    assert reader.release_arrow_memory() is True
