@@ -51,8 +51,11 @@ free; a writer stops appending when the disk gets that full."""
 RESERVE_MIN_BYTES = 1 << 30
 GATHER_CELLS = 4096
 """Cells gathered from the segments at a time (bounds the temporaries of `NodeCache.gather`)."""
-TABLE_BYTES_PER_CELL = 12
-"""cells.i64 and lengths.u32 (labels.bin adds K label bytes)."""
+
+
+def _reserve(usage) -> int:
+    """Bytes of a disk (`shutil.disk_usage`) the cache leaves free."""
+    return max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total))
 
 
 def resolve_root(setting: str | None) -> str | None:
@@ -74,8 +77,14 @@ class CacheLayout:
     label_dtype: str
     n_labels: int
 
-    def table_bytes(self) -> int:
-        return self.n_cells * (TABLE_BYTES_PER_CELL + self.n_labels * np.dtype(self.label_dtype).itemsize)
+    def table_sizes(self) -> dict[str, int]:
+        """Bytes of each per-cell table file."""
+        label_bytes = self.n_labels * np.dtype(self.label_dtype).itemsize
+        return {
+            "cells.i64": 8 * self.n_cells,
+            "lengths.u32": 4 * self.n_cells,
+            "labels.bin": label_bytes * self.n_cells,
+        }
 
 
 def cache_key(parts: dict) -> str:
@@ -94,7 +103,7 @@ def boot_id() -> str:
 
 def estimate_bytes(nnz: float, layout: CacheLayout) -> int:
     """Bytes the whole cache takes once every cell is stored (`nnz`: the selection's stored non-zeros)."""
-    return int(nnz * (np.dtype(layout.token_dtype).itemsize + 4) + layout.table_bytes())
+    return int(nnz * (np.dtype(layout.token_dtype).itemsize + 4) + sum(layout.table_sizes().values()))
 
 
 def prepare(
@@ -112,14 +121,14 @@ def prepare(
         return None, f"cannot create {root}: {exc}"
     usage = shutil.disk_usage(root)
     used = _dir_bytes(path) if os.path.isdir(path) else 0
-    reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total))
+    reserve = _reserve(usage)
     if need_bytes - used > usage.free - reserve:
         return None, (
             f"{path} needs {need_bytes / 2**30:.2f} GiB but its disk has {usage.free / 2**30:.2f} GiB free "
             f"(keeping {reserve / 2**30:.2f} GiB)"
         )
     layout = CacheLayout(path=path, **layout_args)
-    sizes = _table_sizes(layout)
+    sizes = layout.table_sizes()
     if not os.path.isdir(path):
         try:
             tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
@@ -139,15 +148,6 @@ def prepare(
         if not os.path.isfile(file) or os.path.getsize(file) != size:
             return None, f"{file} is missing or not {size} bytes: delete {path}"
     return layout, f"{path} ({need_bytes / 2**30:.2f} GiB when full, {used / 2**30:.2f} GiB stored)"
-
-
-def _table_sizes(layout: CacheLayout) -> dict[str, int]:
-    label_bytes = layout.n_labels * np.dtype(layout.label_dtype).itemsize
-    return {
-        "cells.i64": 8 * layout.n_cells,
-        "lengths.u32": 4 * layout.n_cells,
-        "labels.bin": label_bytes * layout.n_cells,
-    }
 
 
 def _dir_bytes(path: str) -> int:
@@ -208,7 +208,8 @@ class NodeCache:
         segs = np.unique(seg).tolist()
         maps = {}
         for sg in segs:
-            ends = first[seg == sg] + lengths[seg == sg]
+            mask = seg == sg
+            ends = first[mask] + lengths[mask]
             maps[sg] = self._segment(sg, int(ends.max())) if sg else None
             if maps[sg] is None:
                 return self._bad(positions, f"segment {sg} is missing or shorter than its cells")
@@ -284,7 +285,7 @@ class NodeCache:
             if self._since_check > 1 << 22:  # statvfs every ~4M values
                 self._since_check = 0
                 usage = shutil.disk_usage(self.layout.path)
-                if usage.free < max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * usage.total)):
+                if usage.free < _reserve(usage):
                     return self._stop("the disk is nearly full")
             tok = np.ascontiguousarray(tokens, self._token)
             cnt = np.ascontiguousarray(counts, np.float32)
